@@ -1,0 +1,31 @@
+"""mlbfgs_optax: mL-BFGS, a momentum-based stochastic L-BFGS, for optax.
+
+Niu et al., `mL-BFGS: A Momentum-based L-BFGS for Distributed Large-scale
+Neural Network Optimization <https://arxiv.org/abs/2307.13744>`_, TMLR 2023.
+"""
+
+from mlbfgs_optax._blocks import BlockLayout as BlockLayout
+from mlbfgs_optax._blocks import EqualSlices as EqualSlices
+from mlbfgs_optax._blocks import make_layout as make_layout
+from mlbfgs_optax._diagnostics import curvature_stats as curvature_stats
+from mlbfgs_optax._diagnostics import find_mlbfgs_state as find_mlbfgs_state
+from mlbfgs_optax._damping import damping_weight as damping_weight
+from mlbfgs_optax._mlbfgs import ScaleByMLBFGSState as ScaleByMLBFGSState
+from mlbfgs_optax._mlbfgs import mlbfgs as mlbfgs
+from mlbfgs_optax._mlbfgs import scale_by_mlbfgs as scale_by_mlbfgs
+from mlbfgs_optax._two_loop import two_loop_recursion as two_loop_recursion
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "BlockLayout",
+    "EqualSlices",
+    "ScaleByMLBFGSState",
+    "curvature_stats",
+    "damping_weight",
+    "find_mlbfgs_state",
+    "make_layout",
+    "mlbfgs",
+    "scale_by_mlbfgs",
+    "two_loop_recursion",
+)

@@ -1,0 +1,61 @@
+r"""Damping of a curvature pair, as in mL-BFGS.
+
+For a pair :math:`(s, y)` the Rayleigh quotient :math:`\mu = s^\top y / s^\top s`
+is the curvature along :math:`s`. mL-BFGS keeps it inside
+:math:`[\sigma_L, \sigma_H]` by mixing :math:`s` into :math:`y`
+(Niu et al., 2023, https://arxiv.org/abs/2307.13744):
+
+.. math::
+  \phi = \begin{cases}
+    (1 - \sigma_L) / (1 - \mu) & \mu < \sigma_L \\
+    (\sigma_H - 1) / (\mu - 1) & \mu > \sigma_H \\
+    1 & \text{otherwise}
+  \end{cases}, \qquad
+  \tau = \min(\phi, \tau_0), \qquad \hat y = \tau y + (1 - \tau) s.
+
+Then :math:`s^\top \hat y / s^\top s = \tau \mu + 1 - \tau`, which equals
+:math:`\sigma_L` (or :math:`\sigma_H`) whenever :math:`\tau` was not capped by
+:math:`\tau_0`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def damping_weight(
+    mu: jax.Array, sigma_low: float, sigma_high: float, tau_max: float
+) -> jax.Array:
+    r"""The weight :math:`\tau` on :math:`y` that keeps :math:`\mu` in bounds.
+
+    Args:
+      mu: Rayleigh quotients :math:`s^\top y / s^\top s`, any shape.
+      sigma_low: :math:`\sigma_L < 1`, or ``-inf`` for no lower bound.
+      sigma_high: :math:`\sigma_H > 1`, or ``+inf`` for no upper bound.
+      tau_max: :math:`\tau_0 \in (0, 1]`.
+
+    Returns:
+      :math:`\tau`, same shape as ``mu``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mlbfgs_optax import damping_weight
+      >>> damping_weight(jnp.array([-1.0, 0.5, 3.0]), 0.01, 1.5, 1.0)
+      Array([0.495, 1.   , 0.25 ], dtype=float32)
+    """
+    one = jnp.ones_like(mu)
+    low = mu < sigma_low
+    high = mu > sigma_high
+    # Double-where: the untaken branches never divide by zero.
+    safe_low = jnp.where(low, 1.0 - mu, one)
+    safe_high = jnp.where(high, mu - 1.0, one)
+    phi = jnp.where(low, (1.0 - sigma_low) / safe_low, one)
+    phi = jnp.where(high, (sigma_high - 1.0) / safe_high, phi)
+    return jnp.minimum(phi, tau_max)
+
+
+def safe_div(num: jax.Array, den: jax.Array, default: float = 0.0) -> jax.Array:
+    """``num / den`` where ``den != 0``, else ``default`` (no NaN, no inf)."""
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), default)

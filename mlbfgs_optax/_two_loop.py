@@ -1,0 +1,159 @@
+r"""The L-BFGS two-loop recursion over stacked (s, ŷ) histories, per block.
+
+Given stored curvature pairs :math:`(s_i, \hat y_i)` with
+:math:`\rho_i = 1 / s_i^\top \hat y_i` and an initial inverse Hessian
+:math:`H_0 = \gamma I`, the recursion computes :math:`d = H g` for
+
+.. math::
+  H \leftarrow (I - \rho_i s_i \hat y_i^\top) H (I - \rho_i \hat y_i s_i^\top)
+  + \rho_i s_i s_i^\top, \qquad i = \text{oldest} \ldots \text{newest},
+
+without ever forming :math:`H` (Nocedal & Wright, *Numerical Optimization*,
+Algorithm 7.4). The history is a ring buffer: every block ``b`` keeps its
+``M`` pairs stacked on a leading axis and remembers the slot of its newest
+pair; an empty slot has :math:`\rho = 0` and is a no-op, so a block with no
+pair returns :math:`\gamma g`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mlbfgs_optax import _blocks
+
+
+def accumulation_dtype(*dtypes) -> jnp.dtype:
+    """The dtype dot products accumulate in: at least float32."""
+    return jnp.dtype(jnp.result_type(jnp.float32, *dtypes))
+
+
+def blockwise_two_loop(
+    layout: _blocks.BlockLayout,
+    updates: list[jax.Array],
+    s_history: list[jax.Array],
+    y_history: list[jax.Array],
+    rho: jax.Array,
+    gamma: jax.Array,
+    newest: jax.Array,
+) -> list[jax.Array]:
+    r"""Computes :math:`d_b = H_b g_b` for every block ``b`` of a packed tree.
+
+    Args:
+      layout: the static block layout of the packed arrays.
+      updates: packed vector :math:`g`, one array per segment of ``layout``.
+      s_history: packed :math:`s` history, each array with a leading ``M`` axis.
+      y_history: packed :math:`\hat y` history, same shapes as ``s_history``.
+      rho: :math:`\rho` per block and slot, shape ``(B, M)``; 0 marks an empty
+        slot.
+      gamma: :math:`\gamma` per block, shape ``(B,)``.
+      newest: ring-buffer slot of every block's newest pair, shape ``(B,)``.
+
+    Returns:
+      The packed direction, in the accumulation dtype (at least float32).
+    """
+    num_slots = rho.shape[-1]
+    acc = accumulation_dtype(rho.dtype, *(u.dtype for u in updates))
+    block_index = jnp.arange(layout.num_blocks)
+    q0 = [u.astype(acc) for u in updates]
+
+    def pair_at(i):
+        slots = (newest - i) % num_slots
+        s = [layout.gather_slot(h, slots, j) for j, h in enumerate(s_history)]
+        y = [layout.gather_slot(h, slots, j) for j, h in enumerate(y_history)]
+        return s, y, rho[block_index, slots].astype(acc)
+
+    def axpy(q, coef, v):
+        return [
+            x + layout.broadcast(coef, j, x.ndim) * vj.astype(acc)
+            for j, (x, vj) in enumerate(zip(q, v))
+        ]
+
+    # First loop, newest -> oldest: alpha_i = rho_i s_i^T q ; q -= alpha_i y_i.
+    def first(q, i):
+        s, y, r = pair_at(i)
+        alpha = r * layout.block_dot(s, q, acc)
+        return axpy(q, -alpha, y), alpha
+
+    q, alphas = jax.lax.scan(first, q0, jnp.arange(num_slots))
+    # Initial inverse Hessian H0 = gamma I.
+    g = gamma.astype(acc)
+    q = [x * layout.broadcast(g, j, x.ndim) for j, x in enumerate(q)]
+
+    # Second loop, oldest -> newest: b_i = rho_i y_i^T q ; q += (alpha_i - b_i) s_i.
+    def second(q, xs):
+        i, alpha = xs
+        s, y, r = pair_at(i)
+        beta = r * layout.block_dot(y, q, acc)
+        return axpy(q, alpha - beta, s), None
+
+    q, _ = jax.lax.scan(second, q, (jnp.arange(num_slots), alphas), reverse=True)
+    return q
+
+
+def two_loop_recursion(
+    updates: Any,
+    s_history: Any,
+    y_history: Any,
+    rho: jax.Array,
+    gamma: jax.Array,
+    newest: jax.Array,
+) -> Any:
+    r"""Applies the L-BFGS inverse Hessian of one block to a pytree.
+
+    .. math::
+      d = H g, \qquad H_0 = \gamma I, \qquad
+      H \leftarrow V_i^\top H V_i + \rho_i s_i s_i^\top, \quad
+      V_i = I - \rho_i \hat y_i s_i^\top,
+
+    with the pairs applied oldest to newest. The recursion runs as two
+    ``jax.lax.scan`` over the ``M`` ring-buffer slots; slots with
+    :math:`\rho_i = 0` are skipped.
+
+    Args:
+      updates: the vector :math:`g`, any pytree of arrays.
+      s_history: pytree like ``updates`` whose leaves have a leading axis of
+        size ``M``: the :math:`s` vectors.
+      y_history: same for the :math:`\hat y` vectors.
+      rho: shape ``(M,)``, :math:`1 / s_i^\top \hat y_i`; 0 for empty slots.
+      gamma: scalar :math:`\gamma`.
+      newest: scalar int, slot of the newest pair (the slot before it holds
+        the next newest, cyclically).
+
+    Returns:
+      :math:`H g`, a pytree like ``updates`` with its dtypes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mlbfgs_optax import two_loop_recursion
+      >>> s = jnp.array([[1.0, 0.0]])          # one pair, M = 1
+      >>> y = jnp.array([[2.0, 0.0]])          # curvature 2 along e_1
+      >>> two_loop_recursion(jnp.array([1.0, 1.0]), s, y, jnp.array([0.5]),
+      ...                    jnp.array(0.5), jnp.array(0))
+      Array([0.5, 0.5], dtype=float32)
+
+    References:
+      Nocedal & Wright, *Numerical Optimization*, 2nd ed., Algorithm 7.4.
+    """
+    leaves, treedef = jax.tree.flatten(updates)
+    layout = _blocks.BlockLayout(
+        treedef=treedef,
+        shapes=tuple(x.shape for x in leaves),
+        dtypes=tuple(x.dtype for x in leaves),
+        segments=tuple(_blocks.Segment(0, None) for _ in leaves),
+        num_blocks=1,
+        block_names=("all",),
+        block_sizes=(sum(x.size for x in leaves),),
+    )
+    d = blockwise_two_loop(
+        layout,
+        leaves,
+        treedef.flatten_up_to(s_history),
+        treedef.flatten_up_to(y_history),
+        jnp.asarray(rho)[None],
+        jnp.asarray(gamma).reshape(1),
+        jnp.asarray(newest, jnp.int32).reshape(1),
+    )
+    return layout.unpack(d)
