@@ -1,0 +1,38 @@
+"""Damping of curvature pairs (spec, step 2)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mlbfgs_optax
+from tests.helpers import damp
+
+
+@pytest.mark.parametrize("sigma_low,sigma_high", [(0.01, 1.5), (0.1, 1.5), (0.5, 4.0)])
+def test_damped_curvature_in_bounds(sigma_low, sigma_high):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        s = rng.normal(size=10)
+        y = rng.normal(size=10) * rng.uniform(0.01, 10) + rng.uniform(-3, 3) * s
+        mu = s @ y / (s @ s)
+        tau = float(mlbfgs_optax.damping_weight(jnp.asarray(mu), sigma_low, sigma_high, 1.0))
+        ref_tau, y_hat, _ = damp(s, y, sigma_low, sigma_high, 1.0)
+        np.testing.assert_allclose(tau, ref_tau, rtol=1e-5)
+        mu_after = s @ (tau * y + (1 - tau) * s) / (s @ s)
+        assert sigma_low - 1e-5 <= mu_after <= sigma_high + 1e-5
+        if not sigma_low <= mu <= sigma_high:  # lands exactly on the bound it crossed
+            bound = sigma_low if mu < sigma_low else sigma_high
+            np.testing.assert_allclose(mu_after, bound, rtol=1e-4)
+
+
+def test_tau_max_caps_weight_and_keeps_curvature_positive():
+    mu = jnp.linspace(-5.0, 5.0, 101)
+    tau = mlbfgs_optax.damping_weight(mu, 0.01, 1.5, 0.99)
+    assert float(tau.max()) <= np.float32(0.99)
+    assert bool(jnp.all(tau * mu + 1 - tau > 0))  # s^T y_hat / s^T s > 0 always
+
+
+def test_damping_off_is_identity():
+    mu = jnp.array([-100.0, -1.0, 0.0, 0.5, 1.0, 7.0, 1e6])
+    tau = mlbfgs_optax.damping_weight(mu, -jnp.inf, jnp.inf, 1.0)
+    np.testing.assert_array_equal(np.asarray(tau), 1.0)
