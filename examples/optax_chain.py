@@ -1,0 +1,164 @@
+"""Composing ``scale_by_mlbfgs`` with the usual optax building blocks.
+
+The optimizer built here, from the inside out::
+
+    clip_by_global_norm          # clip the accumulated gradient
+    add_decayed_weights(mask)    # L2 weight decay, not on biases
+    scale_by_mlbfgs              # the mL-BFGS direction H g
+    scale_by_learning_rate(...)  # warm-up + cosine schedule, sign flip
+  wrapped in
+    MultiSteps                   # accumulate gradients over k mini-batches
+    apply_if_finite              # skip a mini-batch whose gradient is NaN/inf
+
+Weight decay sits before ``scale_by_mlbfgs``, so it enters the curvature pairs
+(as in :func:`mlbfgs_optax.mlbfgs`). With ``MultiSteps`` the mL-BFGS state
+advances once per *accumulated* step, so ``update_period`` counts those.
+
+``apply_if_finite`` goes *outside* ``MultiSteps``: a rejected mini-batch then
+never reaches the accumulator. Inside, it would not help: ``MultiSteps``
+clears its accumulator by multiplying it by zero, so one NaN stays in it for
+good: every later step is rejected until, after ``max_consecutive_errors``,
+the NaN reaches the params. To show the guard at work, the
+script poisons one mini-batch gradient with NaN (``--nan-at``); that
+mini-batch is skipped and training carries on::
+
+    python examples/optax_chain.py
+    python examples/optax_chain.py --accumulate 1 --nan-at -1
+    python examples/optax_chain.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlbfgs_optax  # noqa: E402
+from examples import datasets  # noqa: E402
+
+
+class CNN1D(nn.Module):
+    """Two strided 1-D convolutions and a linear classifier."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(32, kernel_size=(5,), strides=(2,))(x[..., None]))
+        x = nn.relu(nn.Conv(32, kernel_size=(3,), strides=(2,))(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def not_bias(params):
+    """Weight-decay mask: True for every leaf except those named ``bias``."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key != "bias", params)
+
+
+def make_optimizer(args, total_updates):
+    """The full chain; ``total_updates`` counts accumulated (inner) steps."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=args.lr,
+        warmup_steps=max(1, total_updates // 20),
+        decay_steps=total_updates,
+        end_value=0.01 * args.lr,
+    )
+    inner = optax.chain(
+        optax.clip_by_global_norm(args.clip),
+        optax.add_decayed_weights(args.weight_decay, mask=not_bias),
+        mlbfgs_optax.scale_by_mlbfgs(
+            memory_size=10, update_period=args.update_period, beta=0.9, sigma_low=0.5
+        ),
+        optax.scale_by_learning_rate(schedule),
+    )
+    accumulated = optax.MultiSteps(inner, every_k_schedule=args.accumulate)
+    return optax.apply_if_finite(accumulated.gradient_transformation(), max_consecutive_errors=5)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=2000, help="mini-batch steps")
+    p.add_argument("--accumulate", type=int, default=2,
+                   help="mini-batches per optimizer step (optax.MultiSteps)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=5000,
+                   help="MNIST-1D samples to generate (80%% train, 20%% test)")
+    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
+    p.add_argument("--clip", type=float, default=1.0, help="global-norm clipping threshold")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--update-period", type=int, default=10,
+                   help="accumulated steps per curvature pair")
+    p.add_argument("--nan-at", type=int, default=500,
+                   help="mini-batch step whose gradient is replaced by NaN (-1: none)")
+    p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny run for tests (120 steps)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.num_samples, args.nan_at, args.log_every = 120, 2000, 30, 40
+    return args
+
+
+def main(argv=None):
+    """Trains with the chain; returns losses, test accuracy and skipped-step counts."""
+    args = parse_args(argv)
+    xtr, ytr, xte, yte = datasets.load_mnist1d(args.num_samples, args.seed)
+    model = CNN1D()
+    params = model.init(jax.random.key(args.seed), xtr[:1])["params"]
+    tx = make_optimizer(args, total_updates=args.steps // args.accumulate)
+    opt_state = tx.init(params)
+
+    def loss_fn(p, x, y):
+        logits = model.apply({"params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit
+    def train_step(p, state, x, y, poison):
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
+        grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, loss
+
+    @jax.jit
+    def accuracy(p):
+        return jnp.mean(jnp.argmax(model.apply({"params": p}, xte), -1) == yte)
+
+    rng = np.random.default_rng(args.seed)
+    losses = []
+    for step in range(args.steps):
+        idx = rng.choice(len(xtr), args.batch_size, replace=False)
+        params, opt_state, loss = train_step(params, opt_state, xtr[idx], ytr[idx],
+                                             step == args.nan_at)
+        losses.append(loss)
+        if (step + 1) % args.log_every == 0:
+            recent = float(jnp.mean(jnp.stack(losses[-args.log_every:])))
+            print(f"step {step + 1:5d}  train loss {recent:.4f}  "
+                  f"test acc {float(accuracy(params)):.3f}")
+
+    skipped = int(opt_state.total_notfinite)  # opt_state: optax.ApplyIfFiniteState
+    optimizer_steps = int(opt_state.inner_state.gradient_step)  # optax.MultiStepsState
+    mlbfgs_state = mlbfgs_optax.find_mlbfgs_state(opt_state)
+    print(f"mini-batches skipped as non-finite: {skipped}; optimizer steps: {optimizer_steps}; "
+          f"mL-BFGS updates: {int(mlbfgs_state.count)}, "
+          f"pairs per block: {mlbfgs_state.num_pairs.tolist()}")
+    losses = np.asarray(jax.device_get(losses))
+    window = max(1, min(50, args.steps // 10))
+    return {
+        "initial_loss": float(losses[0]),
+        "final_loss": float(losses[-window:].mean()),
+        "test_acc": float(accuracy(params)),
+        "optimizer_steps": optimizer_steps,
+        "skipped_steps": skipped,
+        "mlbfgs_count": int(mlbfgs_state.count),
+        "params_finite": bool(all(jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params))),
+    }
+
+
+if __name__ == "__main__":
+    main()
