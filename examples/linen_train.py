@@ -80,7 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--sigma-low", type=float, default=0.5,
                    help="lower bound on the damped curvature of a pair")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny run for tests (4 epochs, 2000 samples)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny run for tests (4 epochs, 2000 samples)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.num_samples = 4, 2000
