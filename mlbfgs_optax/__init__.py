@@ -10,6 +10,7 @@ from mlbfgs_optax._blocks import make_layout as make_layout
 from mlbfgs_optax._diagnostics import curvature_stats as curvature_stats
 from mlbfgs_optax._diagnostics import find_mlbfgs_state as find_mlbfgs_state
 from mlbfgs_optax._damping import damping_weight as damping_weight
+from mlbfgs_optax._damping import yy_bound_weight as yy_bound_weight
 from mlbfgs_optax._mlbfgs import ScaleByMLBFGSState as ScaleByMLBFGSState
 from mlbfgs_optax._mlbfgs import mlbfgs as mlbfgs
 from mlbfgs_optax._mlbfgs import scale_by_mlbfgs as scale_by_mlbfgs
@@ -28,4 +29,5 @@ __all__ = (
     "mlbfgs",
     "scale_by_mlbfgs",
     "two_loop_recursion",
+    "yy_bound_weight",
 )

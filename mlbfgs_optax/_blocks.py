@@ -151,15 +151,30 @@ class BlockLayout:
                 whole.setdefault(seg.offset, []).append(jnp.sum(prod))
             else:
                 rows.append((seg.offset, jnp.sum(prod, axis=tuple(range(1, x.ndim)))))
-        if rows and not whole and len(rows) == 1 and rows[0][1].shape[0] == self.num_blocks:
+        return self._combine(whole, rows, jnp.add, dtype)
+
+    def block_max_abs(self, a: list[jax.Array], dtype) -> jax.Array:
+        """Per-block ``max |a_b|``, shape ``(B,)``, in ``dtype``."""
+        whole: dict[int, list[jax.Array]] = {}
+        rows: list[tuple[int, jax.Array]] = []
+        for x, seg in zip(a, self.segments):
+            m = jnp.abs(x).astype(dtype)
+            if seg.rows is None:
+                whole.setdefault(seg.offset, []).append(jnp.max(m, initial=0.0))
+            else:
+                rows.append((seg.offset, jnp.max(m, axis=tuple(range(1, x.ndim)), initial=0.0)))
+        return self._combine(whole, rows, jnp.maximum, dtype)
+
+    def _combine(self, whole, rows, op, dtype) -> jax.Array:
+        """Per-block reduction of whole-leaf scalars and row vectors with ``op``."""
+        if not whole and len(rows) == 1 and rows[0][1].shape[0] == self.num_blocks:
             return rows[0][1]
         out = [jnp.zeros((), dtype)] * self.num_blocks
-        out = list(out)
         for off, parts in whole.items():
-            out[off] = functools.reduce(jnp.add, parts)
+            out[off] = functools.reduce(op, parts)
         for off, vec in rows:
             for r in range(vec.shape[0]):
-                out[off + r] = out[off + r] + vec[r]
+                out[off + r] = op(out[off + r], vec[r])
         return jnp.stack(out)
 
     def broadcast(self, c: jax.Array, i: int, ndim: int) -> jax.Array:

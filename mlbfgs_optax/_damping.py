@@ -59,3 +59,44 @@ def safe_div(num: jax.Array, den: jax.Array, default: float = 0.0) -> jax.Array:
     """``num / den`` where ``den != 0``, else ``default`` (no NaN, no inf)."""
     ok = den != 0
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), default)
+
+
+def yy_bound_weight(ss: jax.Array, sy: jax.Array, yy: jax.Array, sigma_yy: float) -> jax.Array:
+    r"""The largest :math:`\tau \in [0, 1]` with :math:`\hat y^\top\hat y \le \sigma_{yy}\, s^\top\hat y`.
+
+    With :math:`\hat y = \tau y + (1-\tau) s` the condition is the quadratic
+    :math:`A\tau^2 + B\tau + C \le 0`, :math:`A = \|y - s\|^2`,
+    :math:`B = (2 - \sigma_{yy})(s^\top y - s^\top s)`,
+    :math:`C = (1 - \sigma_{yy})\, s^\top s \le 0`; it holds at
+    :math:`\tau = 0` (:math:`\hat y = s`), so the answer is its larger root,
+    clipped to :math:`[0, 1]`. Lowering :math:`\tau` only moves
+    :math:`s^\top\hat y / s^\top s` towards 1, so the bounds of
+    :func:`damping_weight` still hold.
+
+    Args:
+      ss: :math:`s^\top s`.
+      sy: :math:`s^\top y`.
+      yy: :math:`y^\top y`.
+      sigma_yy: :math:`\sigma_{yy} \ge 1`.
+
+    Returns:
+      :math:`\tau_{yy}`, same shape as ``ss``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mlbfgs_optax import yy_bound_weight
+      >>> # s = e1, y = e1 + 3 e2: y_hat = e1 + 3 tau e2, y_hat^T y_hat = 1 + 9 tau^2
+      >>> # and s^T y_hat = 1, so the bound 5 gives tau = 2/3.
+      >>> yy_bound_weight(jnp.array(1.0), jnp.array(1.0), jnp.array(10.0), 5.0)
+      Array(0.6666667, dtype=float32)
+    """
+    a = jnp.maximum(yy - 2.0 * sy + ss, 0.0)
+    b = (2.0 - sigma_yy) * (sy - ss)
+    c = (1.0 - sigma_yy) * ss
+    disc = jnp.sqrt(jnp.maximum(b * b - 4.0 * a * c, 0.0))
+    # Larger root of a t^2 + b t + c, in the form that avoids cancellation.
+    root_neg_b = safe_div(-b + disc, 2.0 * a, 1.0)  # stable when b < 0
+    root_pos_b = safe_div(-2.0 * c, b + disc, 1.0)  # stable when b >= 0
+    tau = jnp.where(b < 0, root_neg_b, root_pos_b)
+    holds_at_one = yy <= sigma_yy * sy
+    return jnp.where(holds_at_one, 1.0, jnp.clip(tau, 0.0, 1.0)).astype(jnp.result_type(ss))

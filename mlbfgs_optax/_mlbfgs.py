@@ -9,11 +9,14 @@ leaves open; the differences are listed in the README.
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mlbfgs_optax import _blocks
@@ -51,6 +54,10 @@ class ScaleByMLBFGSState(NamedTuple):
         damping, ``(B,)`` (diagnostics).
       mu_damped: :math:`s^\top \hat y / s^\top s` after damping, ``(B,)``.
       tau: the damping weight :math:`\tau` of the last candidate pair, ``(B,)``.
+      avg_weights: total EMA weight :math:`1 - \beta^k` held by ``params_avg``,
+        ``grads_avg``, ``params_snapshot`` and ``grads_snapshot``, shape
+        ``(4,)``; with ``bias_correction`` the pairs are formed from the
+        averages divided by these weights.
     """
 
     count: jax.Array
@@ -68,36 +75,56 @@ class ScaleByMLBFGSState(NamedTuple):
     mu: jax.Array
     mu_damped: jax.Array
     tau: jax.Array
+    avg_weights: jax.Array
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A concrete real scalar (Python or NumPy), not a bool and not a jax value."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
-def _check(name, value, ok, expected):
+def _check(name, value, ok, expected, where="scale_by_mlbfgs"):
     """Raises a ValueError naming the argument when a concrete value is bad."""
-    if _is_number(value) and not ok(value):
-        raise ValueError(f"scale_by_mlbfgs: {name}={value!r} is invalid; expected {expected}.")
+    if _is_number(value) and (math.isnan(value) or not ok(float(value))):
+        raise ValueError(f"{where}: {name}={value!r} is invalid; expected {expected}.")
 
 
-def _validate(memory_size, update_period, beta, sigma_low, sigma_high, tau_max, pair_momentum,
-              curvature_eps):
-    if not isinstance(memory_size, int) or isinstance(memory_size, bool) or memory_size < 1:
+def _check_dtype(name, dtype):
+    if dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(
+            f"scale_by_mlbfgs: {name}={dtype!r} is invalid; expected a floating dtype."
+        ) from e
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(
+            f"scale_by_mlbfgs: {name}={dtype!r} is invalid; expected a floating dtype "
+            "(e.g. jnp.float32 or jnp.bfloat16)."
+        )
+    return dt
+
+
+def _validate(memory_size, update_period, beta, sigma_low, sigma_high, sigma_yy, tau_max,
+              pair_momentum, curvature_eps):
+    if not isinstance(memory_size, (int, np.integer)) or isinstance(memory_size, bool) or (
+        memory_size < 1
+    ):
         raise ValueError(
             f"scale_by_mlbfgs: memory_size={memory_size!r} is invalid; expected an int >= 1 "
             "(pass it in static_args of optax.inject_hyperparams)."
         )
-    if isinstance(update_period, bool) or (
-        _is_number(update_period) and (update_period != int(update_period) or update_period < 1)
-    ):
-        raise ValueError(
-            f"scale_by_mlbfgs: update_period={update_period!r} is invalid; expected an int >= 1."
-        )
+    _check("update_period", update_period,
+           lambda t: math.isfinite(t) and t == int(t) and t >= 1, "an int >= 1")
     _check("beta", beta, lambda b: 0.0 <= b < 1.0, "a float in [0, 1)")
-    _check("sigma_low", sigma_low, lambda s: s < 1.0, "sigma_low < 1 (or -inf: no lower bound)")
-    _check("sigma_high", sigma_high, lambda s: s > 1.0, "sigma_high > 1 (or inf: no upper bound)")
-    _check("tau_max", tau_max, lambda t: 0.0 < t <= 1.0, "a float in (0, 1]")
-    _check("pair_momentum", pair_momentum, lambda m: 0.0 <= m < 1.0, "a float in [0, 1)")
+    _check("sigma_low", sigma_low, lambda v: v < 1.0, "sigma_low < 1 (or -inf: no lower bound)")
+    _check("sigma_high", sigma_high, lambda v: v > 1.0, "sigma_high > 1 (or inf: no upper bound)")
+    if sigma_yy is not None:
+        _check("sigma_yy", sigma_yy, lambda v: v >= 1.0,
+               "sigma_yy >= 1 (or inf: no bound on y^T y / s^T y)")
+    _check("tau_max", tau_max, lambda v: 0.0 < v <= 1.0, "a float in (0, 1]")
+    _check("pair_momentum", pair_momentum, lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
     if curvature_eps is not None:
         _check("curvature_eps", curvature_eps, lambda e: e >= 0.0 and math.isfinite(e),
                "a finite float >= 0")
@@ -115,6 +142,8 @@ def scale_by_mlbfgs(
     normalize: bool = False,
     blocks: _blocks.BlockSpec = "leaf",
     *,
+    sigma_yy: Optional[float] = None,
+    bias_correction: bool = True,
     history_dtype: Optional[jax.typing.DTypeLike] = None,
     averages_dtype: Optional[jax.typing.DTypeLike] = None,
     curvature_eps: Optional[float] = None,
@@ -173,6 +202,26 @@ def scale_by_mlbfgs(
         parameter leaf), ``"all"`` (one block: classic momentum L-BFGS), an
         :class:`~mlbfgs_optax.EqualSlices`, a pytree of labels shaped like
         params (equal labels form one block), or a callable params -> labels.
+      sigma_yy: :math:`\sigma_{yy} \ge 1`, upper bound on
+        :math:`\hat y^\top\hat y / s^\top\hat y`; ``inf`` disables it; the
+        default ``None`` means :math:`10\,\sigma_H` (so ``inf`` when
+        ``sigma_high=inf``: damping is then fully off, as the spec asks). The
+        spec's damping bounds the curvature along :math:`s` only; a noisy
+        :math:`y` nearly orthogonal to :math:`s` passes it, yet makes the BFGS
+        update :math:`I - \rho \hat y s^\top` huge (its norm is
+        :math:`1/\cos\angle(s, \hat y)`). This bound lowers :math:`\tau` further
+        (:func:`~mlbfgs_optax.yy_bound_weight`) so that, with :math:`\sigma_L`,
+        every stored pair has a bounded spectrum, the condition under which
+        stochastic damped L-BFGS has bounded :math:`H` (Wang et al., 2017,
+        https://arxiv.org/abs/1607.01231). It is not in the authors' code.
+      bias_correction: form pairs from the bias-corrected averages
+        :math:`M / (1 - \beta^k)` (as Adam does). The averages start at zero, so
+        without it their change over the first :math:`\sim 1/(1-\beta)` steps
+        is dominated by the growth of the weights :math:`1-\beta^k` rather
+        than by the movement of the parameters, and the first pairs carry no
+        curvature information (for :math:`g = A\theta + b` they give
+        :math:`y \ne A s`; with it, :math:`y = A s` exactly). The authors' code
+        has no correction: set ``False`` to reproduce it.
       history_dtype: dtype of the stored pairs, e.g. ``jnp.bfloat16`` to halve
         their memory; dot products always accumulate in float32 or wider.
         Default: the parameter dtype promoted to at least float32 (for
@@ -204,15 +253,17 @@ def scale_by_mlbfgs(
       Large-scale Neural Network Optimization
       <https://arxiv.org/abs/2307.13744>`_, TMLR 2023.
     """
-    _validate(memory_size, update_period, beta, sigma_low, sigma_high, tau_max, pair_momentum,
-              curvature_eps)
+    _validate(memory_size, update_period, beta, sigma_low, sigma_high, sigma_yy, tau_max,
+              pair_momentum, curvature_eps)
     if isinstance(blocks, str) and blocks not in ("leaf", "all"):
         raise ValueError(
             f"scale_by_mlbfgs: blocks={blocks!r} is invalid; expected 'leaf', 'all', an "
             "EqualSlices, a label pytree or a callable params -> labels."
         )
-    history_dtype = None if history_dtype is None else jnp.dtype(history_dtype)
-    averages_dtype = None if averages_dtype is None else jnp.dtype(averages_dtype)
+    if sigma_yy is None:
+        sigma_yy = 10.0 * sigma_high if _is_number(sigma_high) else math.inf
+    history_dtype = _check_dtype("history_dtype", history_dtype)
+    averages_dtype = _check_dtype("averages_dtype", averages_dtype)
     num_slots = memory_size
 
     def dtypes_of(layout):
@@ -265,6 +316,7 @@ def scale_by_mlbfgs(
             mu=jnp.zeros((b,), acc),
             mu_damped=jnp.zeros((b,), acc),
             tau=jnp.ones((b,), acc),
+            avg_weights=jnp.zeros((4,), acc),
         )
 
     def form_pair(layout, acc, avg_dt, g, t, st: ScaleByMLBFGSState) -> ScaleByMLBFGSState:
@@ -277,8 +329,16 @@ def scale_by_mlbfgs(
         y_hist = from_state_tree(layout, st.y_history, "params")
         bc = layout.broadcast
 
-        s = [a.astype(acc) - b.astype(acc) for a, b in zip(m_theta, snap_theta)]
-        y = [a.astype(acc) - b.astype(acc) for a, b in zip(m_grad, snap_grad)]
+        if bias_correction:
+            w = st.avg_weights.astype(acc)
+            c_theta, c_grad, c_snap_theta, c_snap_grad = (
+                _damping.safe_div(1.0, w[i]) for i in range(4))
+        else:
+            c_theta = c_grad = c_snap_theta = c_snap_grad = 1.0
+        s = [c_theta * a.astype(acc) - c_snap_theta * b.astype(acc)
+             for a, b in zip(m_theta, snap_theta)]
+        y = [c_grad * a.astype(acc) - c_snap_grad * b.astype(acc)
+             for a, b in zip(m_grad, snap_grad)]
         if not (_is_number(pair_momentum) and pair_momentum == 0):
             m2 = jnp.where(st.num_pairs > 0, jnp.asarray(pair_momentum, acc), 0.0).astype(acc)
             s_prev = [layout.gather_slot(h, st.newest, j) for j, h in enumerate(s_hist)]
@@ -288,10 +348,19 @@ def scale_by_mlbfgs(
             y = [(1 - bc(m2, j, x.ndim)) * x + bc(m2, j, x.ndim) * p.astype(acc)
                  for j, (x, p) in enumerate(zip(y, y_prev))]
 
-        ss = layout.block_dot(s, s, acc)
-        sy = layout.block_dot(s, y, acc)
+        # The damping weights are invariant to a common scale of (s, y): take the
+        # dot products of (s, y) / c, c a power of two, so they cannot overflow.
+        c = jnp.maximum(layout.block_max_abs(s, acc), layout.block_max_abs(y, acc))
+        c = jnp.where(jnp.isfinite(c) & (c > 0), 1.0 / jnp.exp2(jnp.round(jnp.log2(c))), 1.0)
+        s_c = [x * bc(c, j, x.ndim) for j, x in enumerate(s)]
+        y_c = [x * bc(c, j, x.ndim) for j, x in enumerate(y)]
+        ss = layout.block_dot(s_c, s_c, acc)
+        sy = layout.block_dot(s_c, y_c, acc)
         mu = _damping.safe_div(sy, ss)
         tau = _damping.damping_weight(mu, sigma_low, sigma_high, tau_max).astype(acc)
+        if not (_is_number(sigma_yy) and math.isinf(sigma_yy)):
+            yy = layout.block_dot(y_c, y_c, acc)
+            tau = jnp.minimum(tau, _damping.yy_bound_weight(ss, sy, yy, sigma_yy).astype(acc))
         y_hat = [bc(tau, j, x.ndim) * x + (1 - bc(tau, j, x.ndim)) * z
                  for j, (x, z) in enumerate(zip(y, s))]
         # Dot products of the pair as it will be stored (history dtype).
@@ -303,7 +372,10 @@ def scale_by_mlbfgs(
         eps = jnp.finfo(acc).eps if curvature_eps is None else curvature_eps
         finite = jnp.isfinite(ss) & jnp.isfinite(sy_hat) & jnp.isfinite(yy_hat)
         has_snapshot = t >= update_period
-        accept = has_snapshot & finite & (sy_hat > eps * ss) & (yy_hat > 0)
+        # rho = 1 / s^T y_hat must be a normal number: a flushed rho would read as an
+        # empty slot while the pair is counted.
+        rho_ok = sy_hat < 1.0 / jnp.finfo(acc).tiny
+        accept = has_snapshot & finite & (sy_hat > eps * ss) & (yy_hat > 0) & rho_ok
 
         slot = (st.newest + 1) % num_slots
         s_hist = [layout.scatter_slot(h, v, slot, accept, j) for j, (h, v) in enumerate(zip(s_hist, s_st))]
@@ -320,13 +392,18 @@ def scale_by_mlbfgs(
         mu_damped = _damping.safe_div(sy_hat, ss)
 
         grads_avg = st.grads_avg
+        weights = st.avg_weights.at[2:].set(st.avg_weights[:2])  # snapshot weights
         if refresh_grad_average:
+            weights = weights.at[1].set(1 - beta)
             grads_avg = as_state_tree(layout, [
                 ((1 - beta) * x.astype(acc)).astype(d) for x, d in zip(g, avg_dt)
             ])
-        keep_stats = lambda new, old: jnp.where(has_snapshot, new, old)
+        # Diagnostics describe the last candidate whose numbers were finite.
+        stats_ok = has_snapshot & finite & jnp.isfinite(mu) & jnp.isfinite(tau)
+        keep_stats = lambda new, old: jnp.where(stats_ok, new, old)
         return st._replace(
             grads_avg=grads_avg,
+            avg_weights=weights,
             params_snapshot=st.params_avg,
             grads_snapshot=st.grads_avg,
             s_history=as_state_tree(layout, s_hist),
@@ -341,34 +418,10 @@ def scale_by_mlbfgs(
             tau=keep_stats(tau, st.tau),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        if params is None:
-            raise ValueError(
-                "scale_by_mlbfgs needs the current params: call "
-                "update(updates, state, params)."
-            )
-        layout = _blocks.make_layout(params, blocks)
-        packed, avg_dt, _, acc = dtypes_of(layout)
-        if state.rho.shape != (layout.num_blocks, num_slots):
-            raise ValueError(
-                f"scale_by_mlbfgs: the state holds {state.rho.shape[0]} blocks of memory "
-                f"{state.rho.shape[1]}, but params give {layout.num_blocks} blocks of memory "
-                f"{num_slots}; was the state made by init on the same params?"
-            )
-        try:
-            g_leaves = layout.treedef.flatten_up_to(updates)
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                "scale_by_mlbfgs: updates and params have different tree structures.\n"
-                f"  params:  {layout.treedef}\n  updates: {jax.tree.structure(updates)}"
-            ) from e
-        for x, shape, path in zip(g_leaves, layout.shapes, range(len(g_leaves))):
-            if tuple(x.shape) != shape:
-                raise ValueError(
-                    f"scale_by_mlbfgs: updates leaf #{path} has shape {tuple(x.shape)}, "
-                    f"params has {shape}."
-                )
+    def core(updates, state, params, layout):
+        """Steps 1-4 for a validated call; jitted when the hyperparameters are static."""
+        _, avg_dt, _, acc = dtypes_of(layout)
+        g_leaves = layout.treedef.flatten_up_to(updates)
         g = layout.pack(updates)
         theta = layout.pack(params)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in g]))
@@ -382,7 +435,9 @@ def scale_by_mlbfgs(
                 for a, x, d in zip(avg, x_list, avg_dt)
             ])
 
+        w = state.avg_weights
         new = state._replace(
+            avg_weights=w.at[:2].set(jnp.where(finite, beta * w[:2] + (1 - beta), w[:2])),
             count=jnp.where(finite, optax.safe_increment(state.count), state.count),
             params_avg=ema(state.params_avg, theta),
             grads_avg=ema(state.grads_avg, g),
@@ -408,7 +463,10 @@ def scale_by_mlbfgs(
         )
         # 4. Optional global normalisation once any pair exists.
         if normalize:
-            norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in d))
+            # Global norm, scaled by the largest entry so that it cannot overflow.
+            big = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0) for x in d])
+            big = jnp.where(jnp.isfinite(big) & (big > 0), big, 1.0)
+            norm = big * jnp.sqrt(sum(jnp.sum(jnp.square(x / big)) for x in d))
             scale = jnp.where(
                 jnp.any(new.num_pairs > 0) & (norm > 0), 1.0 / jnp.where(norm > 0, norm, 1.0), 1.0
             )
@@ -416,6 +474,54 @@ def scale_by_mlbfgs(
         out = layout.unpack(d, dtypes=[x.dtype for x in g_leaves])
         out = jax.tree.map(lambda o, u: jnp.where(finite, o, u), out, updates)
         return out, new
+
+    if all(_is_number(v) for v in (beta, sigma_low, sigma_high, tau_max, pair_momentum,
+                                    update_period)):
+        # Eager calls (no outer jit) then compile once instead of re-tracing the
+        # scans and the cond on every call; under an outer jit this is inlined.
+        core = jax.jit(core, static_argnums=3)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(
+                "scale_by_mlbfgs needs the current params: call "
+                "update(updates, state, params)."
+            )
+        layout = _blocks.make_layout(params, blocks)
+        state_avg = jax.tree.leaves(state.params_avg)
+        expected = [shape for shape, _ in layout.packed_shapes()]
+        expected_tree = (layout.treedef if layout.slice_size is None
+                         else jax.tree.structure([0]))
+        if (jax.tree.structure(state.params_avg) != expected_tree
+                or [tuple(x.shape) for x in state_avg] != expected):
+            raise ValueError(
+                "scale_by_mlbfgs: params do not match the optimizer state; was the state "
+                "made by init on these params?\n"
+                f"  state:  {jax.tree.structure(state.params_avg)} with shapes "
+                f"{[tuple(x.shape) for x in state_avg]}\n"
+                f"  params: {expected_tree} with shapes {expected}"
+            )
+        if state.rho.shape != (layout.num_blocks, num_slots):
+            raise ValueError(
+                f"scale_by_mlbfgs: the state holds {state.rho.shape[0]} blocks of memory "
+                f"{state.rho.shape[1]}, but params give {layout.num_blocks} blocks of memory "
+                f"{num_slots}; was the state made by init on the same params?"
+            )
+        try:
+            g_leaves = layout.treedef.flatten_up_to(updates)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "scale_by_mlbfgs: updates and params have different tree structures.\n"
+                f"  params:  {layout.treedef}\n  updates: {jax.tree.structure(updates)}"
+            ) from e
+        for x, shape, path in zip(g_leaves, layout.shapes, range(len(g_leaves))):
+            if tuple(x.shape) != shape:
+                raise ValueError(
+                    f"scale_by_mlbfgs: updates leaf #{path} has shape {tuple(x.shape)}, "
+                    f"params has {shape}."
+                )
+        return core(updates, state, params, layout)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -437,6 +543,8 @@ def mlbfgs(
     momentum: Optional[float] = None,
     nesterov: bool = False,
     *,
+    sigma_yy: Optional[float] = None,
+    bias_correction: bool = True,
     history_dtype: Optional[jax.typing.DTypeLike] = None,
     averages_dtype: Optional[jax.typing.DTypeLike] = None,
     curvature_eps: Optional[float] = None,
@@ -453,7 +561,8 @@ def mlbfgs(
     ``optax.trace`` -> ``optax.scale_by_learning_rate``. The authors' recipe
     is ``weight_decay=2e-4, momentum=0.9, beta=0.999, update_period=50,
     memory_size=10, tau_max=0.99, pair_momentum=0.9,
-    refresh_grad_average=True, normalize=True, blocks=<per stage>`` with a
+    refresh_grad_average=True, normalize=True, bias_correction=False, sigma_yy=inf,
+    blocks=<per stage>`` with a
     cosine schedule from 0.1.
 
     Args:
@@ -474,6 +583,8 @@ def mlbfgs(
         :func:`optax.add_decayed_weights`.
       momentum: :math:`\mu`, heavy-ball momentum on the direction, or None.
       nesterov: use Nesterov momentum (with ``momentum``).
+      bias_correction: see :func:`scale_by_mlbfgs`.
+      sigma_yy: see :func:`scale_by_mlbfgs`.
       history_dtype: see :func:`scale_by_mlbfgs`.
       averages_dtype: see :func:`scale_by_mlbfgs`.
       curvature_eps: see :func:`scale_by_mlbfgs`.
@@ -501,10 +612,12 @@ def mlbfgs(
       Large-scale Neural Network Optimization
       <https://arxiv.org/abs/2307.13744>`_, TMLR 2023.
     """
-    if _is_number(weight_decay) and weight_decay < 0:
-        raise ValueError(f"mlbfgs: weight_decay={weight_decay!r} is invalid; expected >= 0.")
-    if momentum is not None and _is_number(momentum) and not 0.0 <= momentum < 1.0:
-        raise ValueError(f"mlbfgs: momentum={momentum!r} is invalid; expected a float in [0, 1).")
+    _check("weight_decay", weight_decay, lambda v: 0.0 <= v < math.inf, "a finite float >= 0",
+           "mlbfgs")
+    if momentum is not None:
+        _check("momentum", momentum, lambda v: 0.0 <= v < 1.0, "a float in [0, 1)", "mlbfgs")
+    _check("learning_rate", learning_rate, math.isfinite, "a finite float or a schedule",
+           "mlbfgs")
     parts = []
     if not (_is_number(weight_decay) and weight_decay == 0):
         parts.append(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask))
@@ -520,6 +633,8 @@ def mlbfgs(
             refresh_grad_average=refresh_grad_average,
             normalize=normalize,
             blocks=blocks,
+            sigma_yy=sigma_yy,
+            bias_correction=bias_correction,
             history_dtype=history_dtype,
             averages_dtype=averages_dtype,
             curvature_eps=curvature_eps,

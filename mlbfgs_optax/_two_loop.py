@@ -57,7 +57,13 @@ def blockwise_two_loop(
     num_slots = rho.shape[-1]
     acc = accumulation_dtype(rho.dtype, *(u.dtype for u in updates))
     block_index = jnp.arange(layout.num_blocks)
-    q0 = [u.astype(acc) for u in updates]
+    # H g is linear in g: run the recursion on g_b / max|g_b| and scale back, so
+    # that no dot product overflows for huge (finite) gradients.
+    # The scale is a power of two, so scaling and unscaling are exact.
+    scale = layout.block_max_abs(updates, acc)
+    scale = jnp.where(jnp.isfinite(scale) & (scale > 0), jnp.exp2(jnp.round(jnp.log2(scale))), 1.0)
+    inv = 1.0 / scale
+    q0 = [u.astype(acc) * layout.broadcast(inv, j, u.ndim) for j, u in enumerate(updates)]
 
     def pair_at(i):
         slots = (newest - i) % num_slots
@@ -90,7 +96,7 @@ def blockwise_two_loop(
         return axpy(q, alpha - beta, s), None
 
     q, _ = jax.lax.scan(second, q, (jnp.arange(num_slots), alphas), reverse=True)
-    return q
+    return [x * layout.broadcast(scale, j, x.ndim) for j, x in enumerate(q)]
 
 
 def two_loop_recursion(

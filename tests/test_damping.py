@@ -36,3 +36,25 @@ def test_damping_off_is_identity():
     mu = jnp.array([-100.0, -1.0, 0.0, 0.5, 1.0, 7.0, 1e6])
     tau = mlbfgs_optax.damping_weight(mu, -jnp.inf, jnp.inf, 1.0)
     np.testing.assert_array_equal(np.asarray(tau), 1.0)
+
+
+@pytest.mark.parametrize("sigma_yy", [1.0, 2.0, 10.0, 100.0])
+def test_yy_bound_weight_is_the_largest_feasible_tau(sigma_yy):
+    rng = np.random.default_rng(int(sigma_yy))
+    for _ in range(200):
+        s = rng.normal(size=8)
+        y = rng.normal(size=8) * rng.uniform(0.01, 30) + rng.uniform(-2, 2) * s
+        ss, sy, yy = s @ s, s @ y, y @ y
+        tau = float(mlbfgs_optax.yy_bound_weight(
+            jnp.asarray(ss), jnp.asarray(sy), jnp.asarray(yy), sigma_yy))
+        assert 0.0 <= tau <= 1.0
+        def excess(t):  # y_hat^T y_hat - sigma_yy s^T y_hat, relative to s^T s
+            y_hat = t * y + (1 - t) * s
+            return (y_hat @ y_hat - sigma_yy * (s @ y_hat)) / ss
+
+        if tau < 1.0:  # the bound is active: tau sits on it, a larger tau breaks it
+            assert abs(excess(tau)) < 1e-3 * max(1.0, sigma_yy)
+            if tau + 1e-2 < 1.0:
+                assert excess(tau + 1e-2) > 0
+        else:
+            assert yy <= sigma_yy * sy * (1 + 1e-6)
