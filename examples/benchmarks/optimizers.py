@@ -46,14 +46,22 @@ class OptSpec:
     only: Optional[str] = None
 
 
-MLBFGS_DEFAULTS = dict(memory_size=M, update_period=10, beta=0.9, sigma_low=0.01, sigma_high=1.5,
+# The library defaults at the benchmarked commit, passed explicitly (they may change).
+MLBFGS_DEFAULTS = dict(memory_size=M, update_period=10, beta=0.99, sigma_low=0.1, sigma_high=1.5,
                        tau_max=1.0, pair_momentum=0.0, refresh_grad_average=False,
-                       normalize=False, blocks="leaf")
+                       normalize=False, blocks="leaf", sigma_yy=15.0, bias_correction=True)
+# The authors' recipe (their code has no bias correction and no y^T y bound).
 MLBFGS_AUTHORS = dict(memory_size=M, update_period=50, beta=0.999, sigma_low=0.01,
                       sigma_high=1.5, tau_max=0.99, pair_momentum=0.9,
                       refresh_grad_average=True, normalize=True, blocks="leaf",
-                      weight_decay=2e-4, momentum=0.9)
-NO_DAMPING = dict(sigma_low=-math.inf, sigma_high=math.inf, tau_max=1.0)
+                      weight_decay=2e-4, momentum=0.9, sigma_yy=math.inf,
+                      bias_correction=False)
+# The defaults of the library's first version (before sigma_yy and bias correction).
+MLBFGS_FIRST_DEFAULTS = dict(memory_size=M, update_period=10, beta=0.9, sigma_low=0.01,
+                             sigma_high=1.5, tau_max=1.0, pair_momentum=0.0,
+                             refresh_grad_average=False, normalize=False, blocks="leaf",
+                             sigma_yy=math.inf, bias_correction=False)
+NO_DAMPING = dict(sigma_low=-math.inf, sigma_high=math.inf, tau_max=1.0, sigma_yy=math.inf)
 
 
 def mlbfgs_words(memory_size, update_period, momentum=False, weight_decay=False,
@@ -82,8 +90,8 @@ def _adamw(lr):
 
 SGD_GRID = (0.01, 0.03, 0.1)
 ADAM_GRID = (1e-3, 3e-3, 1e-2)
-LBFGS_GRID = (0.01, 0.1, 1.0)
-MLBFGS_GRID = (0.01, 0.03, 0.1)
+LBFGS_GRID = (0.001, 0.01, 0.1, 1.0)
+MLBFGS_GRID = (0.003, 0.01, 0.03, 0.1)
 MUON_GRID = (0.003, 0.01, 0.03)
 
 
@@ -107,26 +115,41 @@ SPECS = (
     OptSpec("mlbfgs_naive", "mlbfgs beta=0, T=1 (naive stochastic L-BFGS + damping)",
             _mlbfgs(**{**MLBFGS_DEFAULTS, "beta": 0.0, "update_period": 1}), MLBFGS_GRID,
             (0.01, 0.1), mlbfgs_words(M, 1), "4M + 7 + 8/T with T=1"),
-    OptSpec("mlbfgs_default", "mlbfgs defaults (beta 0.9, T 10, M 10, leaf blocks)",
+    OptSpec("mlbfgs_default", "mlbfgs defaults (beta 0.99, T 10, M 10, sigma 0.1/1.5, "
+            "sigma_yy 15, bias correction, leaf blocks)",
             _mlbfgs(**MLBFGS_DEFAULTS), MLBFGS_GRID, (0.01, 0.1), _words_default(),
             "4M + 7 + 8/T"),
-    OptSpec("mlbfgs_authors", "mlbfgs authors' recipe (beta .999, T 50, m2 .9, refresh, "
-            "normalize, momentum .9, wd 2e-4)", _mlbfgs(**MLBFGS_AUTHORS), MLBFGS_GRID,
+    OptSpec("mlbfgs_authors", "mlbfgs authors' recipe (beta .999, T 50, sigma 0.01/1.5, "
+            "tau_max .99, m2 .9, refresh, normalize, momentum .9, wd 2e-4, no bias correction, "
+            "no sigma_yy)", _mlbfgs(**MLBFGS_AUTHORS), MLBFGS_GRID,
             (0.01, 0.1), mlbfgs_words(M, 50, momentum=True, weight_decay=True,
                                       pair_momentum=True, refresh=True),
             "4M + 7 + 11/T + 2 (momentum) + 1 (weight decay)"),
     # Ablations of the defaults: run at mlbfgs_default's best lr.
-    OptSpec("abl_beta0", "ablation: defaults with beta=0", _mlbfgs(**{**MLBFGS_DEFAULTS, "beta": 0.0}),
-            (), (), _words_default(), "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
+    OptSpec("abl_beta0", "ablation: defaults with beta=0",
+            _mlbfgs(**{**MLBFGS_DEFAULTS, "beta": 0.0}), (), (), _words_default(),
+            "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
+    OptSpec("abl_beta0.9", "ablation: defaults with beta=0.9",
+            _mlbfgs(**{**MLBFGS_DEFAULTS, "beta": 0.9}), (), (), _words_default(),
+            "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
     OptSpec("abl_T1", "ablation: defaults with T=1",
             _mlbfgs(**{**MLBFGS_DEFAULTS, "update_period": 1}), (), (), mlbfgs_words(M, 1),
             "4M + 7 + 8/T with T=1", ablation_of="mlbfgs_default"),
-    OptSpec("abl_nodamp", "ablation: defaults without damping (sigma=-inf/inf, tau_max=1)",
-            _mlbfgs(**{**MLBFGS_DEFAULTS, **NO_DAMPING}), (), (), _words_default(),
+    OptSpec("abl_T50", "ablation: defaults with T=50",
+            _mlbfgs(**{**MLBFGS_DEFAULTS, "update_period": 50}), (), (), mlbfgs_words(M, 50),
+            "4M + 7 + 8/T with T=50", ablation_of="mlbfgs_default"),
+    OptSpec("abl_nodamp", "ablation: defaults without damping (sigma_low=-inf, sigma_high=inf, "
+            "tau_max=1, sigma_yy=inf)", _mlbfgs(**{**MLBFGS_DEFAULTS, **NO_DAMPING}), (), (),
+            _words_default(), "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
+    OptSpec("abl_no_yy", "ablation: defaults with sigma_yy=inf (the spec's damping only)",
+            _mlbfgs(**{**MLBFGS_DEFAULTS, "sigma_yy": math.inf}), (), (), _words_default(),
             "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
     OptSpec("abl_blocks_all", "ablation: defaults with blocks='all' (one block)",
             _mlbfgs(**{**MLBFGS_DEFAULTS, "blocks": "all"}), (), (), _words_default(),
             "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
+    OptSpec("abl_first_defaults", "ablation: the library's first defaults (beta 0.9, "
+            "sigma_low 0.01, no sigma_yy, no bias correction)", _mlbfgs(**MLBFGS_FIRST_DEFAULTS),
+            (), (), _words_default(), "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
 )
 
 SPEC_BY_NAME = {s.name: s for s in SPECS}

@@ -191,8 +191,9 @@ def markdown(results: dict) -> str:
         "# mL-BFGS benchmark results",
         "",
         f"- Mode: {'quick' if results['config']['quick'] else 'full'}; seeds per optimizer: "
-        f"{results['config']['seeds']}; jax {results['config']['jax']}, optax "
-        f"{results['config']['optax']}, {results['config']['machine']}.",
+        f"{results['config']['seeds']}; {results['config']['library']}; jax "
+        f"{results['config']['jax']}, optax {results['config']['optax']}, "
+        f"{results['config']['machine']}.",
         f"- Memory bandwidth (jitted y = a*x + y on 64 MiB float32 arrays, same process): "
         f"**{results['bandwidth_GBps']:.2f} GB/s**.",
         f"- Total wall time: {results['wall_seconds']:.0f} s.",
@@ -332,6 +333,23 @@ def _jsonable(x):
     return x
 
 
+def _library_version() -> str:
+    """The git commit of the mlbfgs_optax sources in use (and whether they are modified)."""
+    import subprocess
+
+    import mlbfgs_optax
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mlbfgs_optax.__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "mlbfgs_optax"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"mlbfgs_optax {mlbfgs_optax.__version__}"
+    return f"mlbfgs_optax {mlbfgs_optax.__version__} @ {head}" + (" (modified)" if dirty else "")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -365,6 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     results = {
         "config": {"quick": args.quick, "seeds": args.seeds, "tasks": args.tasks,
                    "jax": jax.__version__, "optax": optax.__version__,
+                   "library": _library_version(),
                    "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                               f"{jax.devices()[0].platform}",
                    "grids": {s.name: list(s.quick_grid if args.quick else s.grid)

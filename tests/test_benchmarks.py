@@ -1,0 +1,88 @@
+"""The benchmark harness runs end to end in --quick mode and writes well-formed outputs.
+
+Checks structure only (files, keys, finite timings), never the measured numbers.
+"""
+
+import json
+import math
+import os
+
+import jax
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+pytest.importorskip("mnist1d")
+pytest.importorskip("sklearn")
+
+from examples.benchmarks import optimizer_overhead, run  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # optax's and kfac-jax's internals are not written for rank_promotion="raise".
+    with jax.numpy_rank_promotion("allow"):
+        results = run.main(["--quick", "--tasks", "mnist1d_mlp", "logreg", "--out", str(out)])
+    return out, results
+
+
+def test_quick_run_writes_outputs(quick_results):
+    out, results = quick_results
+    for name in ("results.md", "results.json"):
+        assert (out / name).stat().st_size > 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["quick"] is True
+    assert set(data["tasks"]) == {"mnist1d_mlp", "logreg"}
+    assert data["bandwidth_GBps"] > 0
+    for task in data["tasks"].values():
+        assert task["runs"] and task["summary"]
+        for opt, s in task["summary"].items():
+            assert s["step_seconds_median"] > 0
+            assert s["step_time_ratio_to_sgd"] > 0
+            assert len(s["seeds"]) == 1
+            u = task["update"][opt]
+            assert u["update_seconds"] > 0 and u["state_bytes_per_param"] > 0
+            assert math.isfinite(u["update_over_floor"])
+        for r in task["runs"]:
+            n = len(r["step"])
+            assert n >= 2 and len(r["seconds"]) == n and len(r["test_acc"]) == n
+            assert r["seconds"] == sorted(r["seconds"])
+        assert "mlbfgs_default" in task["summary"] and "abl_beta0" in task["summary"]
+    assert "gap" in data["tasks"]["logreg"]["runs"][0]
+    assert "muon" in data["tasks"]["mnist1d_mlp"]["summary"]
+
+
+def test_quick_run_markdown_and_plots(quick_results):
+    out, results = quick_results
+    md = (out / "results.md").read_text()
+    assert "## mnist1d_mlp" in md and "## logreg" in md
+    header = next(line for line in md.splitlines() if line.startswith("| optimizer"))
+    ncols = header.count("|")
+    rows = [line for line in md.splitlines() if line.startswith("| mlbfgs_default")]
+    assert rows and all(r.count("|") == ncols for r in rows)
+    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+    assert pngs == ["logreg.png", "logreg_ablation.png", "mnist1d_mlp.png",
+                    "mnist1d_mlp_ablation.png"]
+    for p in pngs:
+        data = (out / p).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) < 300_000
+
+
+def test_overhead_markdown_is_well_formed():
+    fake = {
+        "num_params": 10, "leaves": [[2, 5]], "bandwidth_GBps": 1.0, "jax": "x", "optax": "y",
+        "machine": "m", "repeats": 1, "update_period": 10, "pair_step_ms_M10": 1.0,
+        "rows": [{"optimizer": o, "donated": d, "update_ms": 1.0, "state_bytes_per_param": 4.0,
+                  "floor_words_per_param": 4, "floor_ms": 0.5, "update_over_floor": 2.0}
+                 for o in ("sgd (momentum 0.9)", "adam") for d in (True, False)],
+        "memory_scaling": [{"memory_size": m, "update_ms": float(m),
+                            "state_bytes_per_param": 8.0 * m, "floor_ms": 1.0,
+                            "update_over_floor": 1.0} for m in (1, 2)],
+        "history_dtype": [{"history_dtype": "float32", "state_bytes": 10,
+                           "state_bytes_per_param": 1.0, "update_ms": 1.0}],
+    }
+    md = optimizer_overhead.markdown(fake)
+    assert md.count("| sgd (momentum 0.9) |") == 2 and "| 2 | 2.00 | 1.00 |" in md
