@@ -14,7 +14,8 @@ after 3 warm-up calls), with and without donating the state, for:
   cost should grow linearly in M;
 * state bytes with float32 and bfloat16 history (``history_dtype=jnp.bfloat16``).
 
-Every time is also divided by its memory floor: words per parameter the update must
+Every case keeps its own state and all are timed in interleaved rounds (the smallest
+round median is kept), because the machine is shared. Every time is also divided by its memory floor: words per parameter the update must
 move (see README) x 4 bytes x parameters / bandwidth, the bandwidth being measured in the
 same process by a jitted ``y = a*x + y``. Prints a Markdown table and writes
 ``optimizer_overhead.json`` and ``optimizer_overhead.md`` to ``--out``.
@@ -79,7 +80,8 @@ def time_pair_step(tx, params, repeats):
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join("examples", "benchmarks", "results"))
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
@@ -94,43 +96,48 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         ("scale_by_mlbfgs(M=10)", mlbfgs_optax.scale_by_mlbfgs(**_direction_kwargs(10)),
          mlbfgs_words(10, T)),
     ]
-    rows = []
+    # Every case keeps its own state; all are timed in interleaved rounds (smallest
+    # round median), so that background load on a shared machine hits them alike.
+    specs = []  # (kind, key, words, timer)
     for name, tx, words in cases:
         for donate in (True, False):
-            r = harness.time_update(tx, params, repeats=args.repeats, donate=donate)
-            floor = words * 4 * n / bandwidth
-            rows.append({"optimizer": name, "memory_size": None, "donated": donate,
-                         "update_ms": r["seconds"] * 1e3, "state_bytes": r["state_bytes"],
-                         "state_bytes_per_param": r["state_bytes"] / n,
-                         "floor_words_per_param": words, "floor_ms": floor * 1e3,
-                         "update_over_floor": r["seconds"] / floor})
-            print(f"{name:28s} donated={donate!s:5s} {r['seconds'] * 1e3:8.2f} ms", flush=True)
-    scaling = []
+            specs.append(("main", (name, donate), words,
+                          harness.UpdateTimer(tx, params, donate=donate)))
     for m in (1, 2, 5, 10, 20):
         tx = mlbfgs_optax.scale_by_mlbfgs(**_direction_kwargs(m))
-        r = harness.time_update(tx, params, repeats=args.repeats, donate=True)
-        words = mlbfgs_words(m, T)
-        floor = words * 4 * n / bandwidth
-        scaling.append({"memory_size": m, "update_ms": r["seconds"] * 1e3,
-                        "state_bytes_per_param": r["state_bytes"] / n,
-                        "floor_words_per_param": words, "floor_ms": floor * 1e3,
-                        "update_over_floor": r["seconds"] / floor})
-        print(f"scale_by_mlbfgs M={m:2d}: {r['seconds'] * 1e3:8.2f} ms", flush=True)
-    pair_ms = time_pair_step(mlbfgs_optax.scale_by_mlbfgs(**_direction_kwargs(10)), params,
-                             repeats=5) * 1e3
-    dtypes = []
+        specs.append(("memory", m, mlbfgs_words(m, T), harness.UpdateTimer(tx, params)))
     for label, dt in (("float32", None), ("bfloat16", jnp.bfloat16)):
         tx = mlbfgs_optax.scale_by_mlbfgs(**_direction_kwargs(10), history_dtype=dt)
-        r = harness.time_update(tx, params, repeats=args.repeats, donate=True)
-        dtypes.append({"history_dtype": label, "update_ms": r["seconds"] * 1e3,
-                       "state_bytes": r["state_bytes"],
-                       "state_bytes_per_param": r["state_bytes"] / n})
+        specs.append(("dtype", label, mlbfgs_words(10, T), harness.UpdateTimer(tx, params)))
+    secs = harness.time_interleaved([x[3] for x in specs], args.repeats, args.rounds)
+    rows, scaling, dtypes = [], [], []
+    for (kind, key, words, timer), sec in zip(specs, secs):
+        floor = words * 4 * n / bandwidth
+        print(f"{kind:6s} {key!s:40s} {sec * 1e3:8.2f} ms", flush=True)
+        if kind == "main":
+            rows.append({"optimizer": key[0], "memory_size": None, "donated": key[1],
+                         "update_ms": sec * 1e3, "state_bytes": timer.state_bytes,
+                         "state_bytes_per_param": timer.state_bytes / n,
+                         "floor_words_per_param": words, "floor_ms": floor * 1e3,
+                         "update_over_floor": sec / floor})
+        elif kind == "memory":
+            scaling.append({"memory_size": key, "update_ms": sec * 1e3,
+                            "state_bytes_per_param": timer.state_bytes / n,
+                            "floor_words_per_param": words, "floor_ms": floor * 1e3,
+                            "update_over_floor": sec / floor})
+        else:
+            dtypes.append({"history_dtype": key, "update_ms": sec * 1e3,
+                           "state_bytes": timer.state_bytes,
+                           "state_bytes_per_param": timer.state_bytes / n})
+    del specs
+    pair_ms = time_pair_step(mlbfgs_optax.scale_by_mlbfgs(**_direction_kwargs(10)), params,
+                             repeats=5) * 1e3
     result = {"num_params": int(n), "leaves": [list(s) for s in LAYERS],
               "bandwidth_GBps": bandwidth / 1e9, "jax": jax.__version__,
               "optax": optax.__version__,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                          f"{jax.devices()[0].platform}",
-              "repeats": args.repeats, "update_period": T, "rows": rows,
+              "repeats": args.repeats, "rounds": args.rounds, "update_period": T, "rows": rows,
               "memory_scaling": scaling, "pair_step_ms_M10": pair_ms,
               "history_dtype": dtypes}
     md = markdown(result)
@@ -149,8 +156,9 @@ def markdown(r: dict) -> str:
         "# Optimizer-only update cost",
         "",
         f"{r['num_params']:,} float32 parameters ({len(r['leaves'])} leaves of "
-        f"{r['leaves'][0][0]}x{r['leaves'][0][1]} plus biases); jitted update alone, median of "
-        f"{r['repeats']} calls; {r['machine']}; jax {r['jax']}, optax {r['optax']}. "
+        f"{r['leaves'][0][0]}x{r['leaves'][0][1]} plus biases); jitted update alone; smallest of "
+        f"{r.get('rounds', 1)} interleaved rounds of the median of {r['repeats']} calls; "
+        f"{r['machine']}; jax {r['jax']}, optax {r['optax']}. "
         f"Bandwidth (jitted y = a*x + y, same process): **{r['bandwidth_GBps']:.2f} GB/s**.",
         "",
         "| optimizer | state donated | update ms | / SGD | / Adam | state B/param | "

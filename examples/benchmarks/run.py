@@ -300,10 +300,15 @@ def plot(results: dict, out_dir: str) -> list[str]:
                         if len(rs) > 1:
                             ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.15,
                                             color=line.get_color(), lw=0)
+            first = [np.median([r["train_loss"][1] for r in chosen[o].values()
+                                if len(r["train_loss"]) > 1]) for o in opts]
+            first = [f for f in first if np.isfinite(f)]
             for col, xl in enumerate(("step", "seconds (training only)")):
                 axes[1, col].set_xlabel(xl)
                 axes[0, col].set_ylabel("train loss (chunk mean)")
                 axes[0, col].set_yscale("log")
+                if first:  # diverging runs would otherwise squash every other curve
+                    axes[0, col].set_ylim(None, 3 * max(first))
                 axes[1, col].set_ylabel("f - f* (full batch)" if ykey == "gap" else "test accuracy")
                 if ykey == "gap":
                     axes[1, col].set_yscale("log")
