@@ -15,9 +15,10 @@ after 3 warm-up calls), with and without donating the state, for:
 * state bytes with float32 and bfloat16 history (``history_dtype=jnp.bfloat16``).
 
 Every case keeps its own state and all are timed in interleaved rounds (the smallest
-round median is kept), because the machine is shared. Every time is also divided by its memory floor: words per parameter the update must
-move (see README) x 4 bytes x parameters / bandwidth, the bandwidth being measured in the
-same process by a jitted ``y = a*x + y``. Prints a Markdown table and writes
+round median is kept), because the machine is shared. Every time is also divided by its
+memory floor: words per parameter the update must move (see README) x 4 bytes x
+parameters / bandwidth, the bandwidth being measured in the same process by a jitted
+``y = a*x + y``. Prints a Markdown table and writes
 ``optimizer_overhead.json`` and ``optimizer_overhead.md`` to ``--out``.
 
 Note: with update_period T = 10, one call in ten also forms a curvature pair; the median

@@ -199,7 +199,8 @@ def make_task(name: str, fmnist_train_subset: int = 20000) -> Task:
                         quick_steps=150, metric="acc", target=0.50, muon=True)
         if name == "mnist1d_cnn":
             init, apply = cnn((40, 1), (16, 16, 16), 5)
-            return Task(name, "MNIST-1D (4000/1000), 1-D CNN 3x[conv5 16ch stride 2]+dense, batch 128",
+            return Task(name, "MNIST-1D (4000/1000), 1-D CNN 3x[conv5 16ch stride 2]+dense, "
+                        "batch 128",
                         xtr[..., None], ytr, xte[..., None], yte, init, apply, batch_size=128,
                         steps=600, quick_steps=150, metric="acc", target=0.70, ablations=False)
     if name.startswith("fmnist"):
