@@ -11,7 +11,8 @@ from mlbfgs_optax._diagnostics import curvature_stats as curvature_stats
 from mlbfgs_optax._diagnostics import find_mlbfgs_state as find_mlbfgs_state
 from mlbfgs_optax._damping import damping_weight as damping_weight
 from mlbfgs_optax._damping import yy_bound_weight as yy_bound_weight
-from mlbfgs_optax._mlbfgs import ScaleByMLBFGSState as ScaleByMLBFGSState
+from mlbfgs_optax._distributed import state_partition_specs as state_partition_specs
+from mlbfgs_optax._state import ScaleByMLBFGSState as ScaleByMLBFGSState
 from mlbfgs_optax._mlbfgs import mlbfgs as mlbfgs
 from mlbfgs_optax._mlbfgs import scale_by_mlbfgs as scale_by_mlbfgs
 from mlbfgs_optax._two_loop import two_loop_recursion as two_loop_recursion
@@ -28,6 +29,7 @@ __all__ = (
     "make_layout",
     "mlbfgs",
     "scale_by_mlbfgs",
+    "state_partition_specs",
     "two_loop_recursion",
     "yy_bound_weight",
 )

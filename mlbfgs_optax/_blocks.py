@@ -139,6 +139,18 @@ class BlockLayout:
             return list(zip(self.shapes, self.dtypes))
         return [((self.num_blocks, self.slice_size), jnp.result_type(*self.dtypes))]
 
+    def local(self, rows: int) -> "BlockLayout":
+        """The layout of ``rows`` consecutive slices: one device's share of them."""
+        if self.slice_size is None:
+            raise ValueError("only EqualSlices layouts can be split across devices.")
+        return dataclasses.replace(
+            self,
+            segments=(Segment(0, rows),),
+            num_blocks=rows,
+            block_names=tuple(f"slice{r}" for r in range(rows)),
+            block_sizes=(self.slice_size,) * rows,
+        )
+
     # Per-block algebra ------------------------------------------------------
 
     def block_dot(self, a: list[jax.Array], b: list[jax.Array], dtype) -> jax.Array:

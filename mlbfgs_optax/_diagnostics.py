@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from mlbfgs_optax import _blocks
-from mlbfgs_optax._mlbfgs import ScaleByMLBFGSState
+from mlbfgs_optax._state import ScaleByMLBFGSState
 
 
 def find_mlbfgs_state(opt_state: Any) -> ScaleByMLBFGSState:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,61 +21,9 @@ import optax
 
 from mlbfgs_optax import _blocks
 from mlbfgs_optax import _damping
+from mlbfgs_optax import _distributed
 from mlbfgs_optax import _two_loop
-
-
-class ScaleByMLBFGSState(NamedTuple):
-    r"""State of :func:`scale_by_mlbfgs`.
-
-    Parameter-shaped fields are *packed* by the block layout: for ``"leaf"``,
-    ``"all"`` and label blocks they have the structure of params; for
-    :class:`~mlbfgs_optax.EqualSlices` they are a one-element list holding a
-    ``(num_blocks, block_size)`` array. ``B`` is the number of blocks and ``M``
-    the memory size.
-
-    Attributes:
-      count: :math:`t`, the number of updates so far (int32 scalar).
-      params_avg: :math:`M^\theta`, EMA of the parameters,
-        :math:`M^\theta \leftarrow \beta M^\theta + (1-\beta)\theta_t`.
-      grads_avg: :math:`M^g`, EMA of the incoming updates (gradients).
-      params_snapshot: :math:`M^\theta` at the last pair step.
-      grads_snapshot: :math:`M^g` at the last pair step.
-      s_history: ring buffers of :math:`s_k`, leading axis ``M``.
-      y_history: ring buffers of the damped :math:`\hat y_k`, leading axis ``M``.
-      rho: :math:`\rho_k = 1 / s_k^\top \hat y_k` per block and slot,
-        ``(B, M)``; 0 marks an empty slot.
-      gamma: :math:`\gamma = s^\top \hat y / \hat y^\top \hat y` of every
-        block's newest pair (:math:`H_0 = \gamma I`), ``(B,)``; 1 before the
-        first pair.
-      newest: ring-buffer slot of every block's newest pair, ``(B,)`` int32.
-      num_pairs: number of stored pairs per block, ``(B,)`` int32, at most ``M``.
-      num_skipped: pairs rejected by the curvature guard per block, ``(B,)``.
-      mu: :math:`s^\top y / s^\top s` of the last candidate pair before
-        damping, ``(B,)`` (diagnostics).
-      mu_damped: :math:`s^\top \hat y / s^\top s` after damping, ``(B,)``.
-      tau: the damping weight :math:`\tau` of the last candidate pair, ``(B,)``.
-      avg_weights: total EMA weight :math:`1 - \beta^k` held by ``params_avg``,
-        ``grads_avg``, ``params_snapshot`` and ``grads_snapshot``, shape
-        ``(4,)``; with ``bias_correction`` the pairs are formed from the
-        averages divided by these weights.
-    """
-
-    count: jax.Array
-    params_avg: Any
-    grads_avg: Any
-    params_snapshot: Any
-    grads_snapshot: Any
-    s_history: Any
-    y_history: Any
-    rho: jax.Array
-    gamma: jax.Array
-    newest: jax.Array
-    num_pairs: jax.Array
-    num_skipped: jax.Array
-    mu: jax.Array
-    mu_damped: jax.Array
-    tau: jax.Array
-    avg_weights: jax.Array
+from mlbfgs_optax._state import ScaleByMLBFGSState
 
 
 def _is_number(x) -> bool:
@@ -134,7 +82,7 @@ def scale_by_mlbfgs(
     memory_size: int = 10,
     update_period: int = 10,
     beta: float = 0.99,
-    sigma_low: float = 0.1,
+    sigma_low: float = 0.5,
     sigma_high: float = 1.5,
     tau_max: float = 1.0,
     pair_momentum: float = 0.0,
@@ -147,6 +95,8 @@ def scale_by_mlbfgs(
     history_dtype: Optional[jax.typing.DTypeLike] = None,
     averages_dtype: Optional[jax.typing.DTypeLike] = None,
     curvature_eps: Optional[float] = None,
+    axis_name: Optional[str] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by a block-wise, momentum-based L-BFGS (mL-BFGS).
 
@@ -229,6 +179,20 @@ def scale_by_mlbfgs(
       averages_dtype: dtype of the averages and snapshots; default as above.
       curvature_eps: :math:`\epsilon` of the guard; default the machine epsilon
         of the accumulation dtype.
+      axis_name: the device axis that shares the blocks, for use inside
+        :func:`jax.shard_map` or :func:`jax.pmap` (with ``mesh=None``), or the
+        axis of ``mesh`` to shard them over. Needs
+        :class:`~mlbfgs_optax.EqualSlices` blocks whose number is a multiple of
+        the axis size: each device then keeps the state of, and runs the
+        two-loop recursion for, only its ``num_blocks / N`` slices, and one
+        all-gather assembles the direction. Inside ``shard_map``/``pmap`` the
+        incoming updates must be the same on every device (all-reduce them
+        first, as data parallelism does). With other blocks every device
+        computes every block. None: single device.
+      mesh: a :class:`jax.sharding.Mesh` for ``jax.jit`` (GSPMD) programs:
+        ``init`` places the state sharded over ``axis_name`` from the start
+        and ``update`` runs the blocks in a :func:`jax.shard_map` over it.
+        Works with Explicit and Auto axes.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs
@@ -262,6 +226,24 @@ def scale_by_mlbfgs(
         )
     if sigma_yy is None:
         sigma_yy = 10.0 * sigma_high if _is_number(sigma_high) else math.inf
+    if mesh is not None:
+        if axis_name is None or axis_name not in mesh.axis_names:
+            raise ValueError(
+                f"scale_by_mlbfgs: axis_name={axis_name!r} is invalid; expected one of the "
+                f"mesh's axes {mesh.axis_names} when mesh is given."
+            )
+        if not isinstance(blocks, _blocks.EqualSlices):
+            raise ValueError(
+                f"scale_by_mlbfgs: blocks={blocks!r} is invalid with mesh; expected "
+                "EqualSlices(num_blocks), whose blocks can be sharded."
+            )
+    if isinstance(blocks, _blocks.EqualSlices) and mesh is not None:
+        n_dev = mesh.shape[axis_name]
+        if blocks.num_blocks % n_dev:
+            raise ValueError(
+                f"scale_by_mlbfgs: blocks=EqualSlices({blocks.num_blocks}) is invalid; expected "
+                f"a number of blocks divisible by the {n_dev} devices of axis {axis_name!r}."
+            )
     history_dtype = _check_dtype("history_dtype", history_dtype)
     averages_dtype = _check_dtype("averages_dtype", averages_dtype)
     num_slots = memory_size
@@ -289,13 +271,41 @@ def scale_by_mlbfgs(
                 ) from e
         return list(tree)
 
+    def local_rows(layout) -> int:
+        """Blocks this call's state holds: all, or this device's share."""
+        if axis_name is None or mesh is not None or layout.slice_size is None:
+            return layout.num_blocks
+        try:
+            n_dev = jax.lax.axis_size(axis_name)
+        except NameError:  # not inside shard_map / pmap: the global state
+            return layout.num_blocks
+        if layout.num_blocks % n_dev:
+            raise ValueError(
+                f"scale_by_mlbfgs: EqualSlices({layout.num_blocks}) cannot be shared by the "
+                f"{n_dev} devices of axis {axis_name!r}; use a multiple of {n_dev} blocks."
+            )
+        return layout.num_blocks // n_dev
+
     def init_fn(params):
         layout = _blocks.make_layout(params, blocks)
+        rows = local_rows(layout)
+        if rows != layout.num_blocks:
+            layout = layout.local(rows)
         packed, avg_dt, hist_dt, acc = dtypes_of(layout)
         b = layout.num_blocks
+        shardings = None
+        if mesh is not None:
+            abstract = jax.eval_shape(lambda: _init(layout, packed, avg_dt, hist_dt, acc, b,
+                                                    jnp.zeros))
+            shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec),
+                                     _distributed.state_specs(abstract, axis_name))
+            # Every array is created already sharded: no device ever holds the
+            # whole history.
+            return jax.jit(lambda: _init(layout, packed, avg_dt, hist_dt, acc, b, jnp.zeros),
+                           out_shardings=shardings)()
+        return _init(layout, packed, avg_dt, hist_dt, acc, b, jnp.zeros)
 
-        def zeros(shape, dtype):
-            return jnp.zeros(shape, dtype)
+    def _init(layout, packed, avg_dt, hist_dt, acc, b, zeros):
 
         def tree(dts, lead=()):
             return as_state_tree(layout, [zeros(lead + s, d) for (s, _), d in zip(packed, dts)])
@@ -418,13 +428,13 @@ def scale_by_mlbfgs(
             tau=keep_stats(tau, st.tau),
         )
 
-    def core(updates, state, params, layout):
-        """Steps 1-4 for a validated call; jitted when the hyperparameters are static."""
+    def local_step(layout, g, theta, state, finite, reduce_axis):
+        """Steps 1-4 on the blocks of ``layout`` (this device's share, when sharded).
+
+        ``g`` and ``theta`` are packed like ``layout``; ``reduce_axis`` names the
+        device axis the global normalisation sums over (None: no collective).
+        """
         _, avg_dt, _, acc = dtypes_of(layout)
-        g_leaves = layout.treedef.flatten_up_to(updates)
-        g = layout.pack(updates)
-        theta = layout.pack(params)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in g]))
 
         # 1. Averages of the parameters and of the incoming updates. A step with
         # a non-finite update leaves every field as it was.
@@ -465,12 +475,53 @@ def scale_by_mlbfgs(
         if normalize:
             # Global norm, scaled by the largest entry so that it cannot overflow.
             big = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0) for x in d])
+            any_pair = jnp.any(new.num_pairs > 0)
+            if reduce_axis is not None:
+                big = jax.lax.pmax(big, reduce_axis)
+                any_pair = jax.lax.psum(any_pair.astype(jnp.int32), reduce_axis) > 0
             big = jnp.where(jnp.isfinite(big) & (big > 0), big, 1.0)
-            norm = big * jnp.sqrt(sum(jnp.sum(jnp.square(x / big)) for x in d))
-            scale = jnp.where(
-                jnp.any(new.num_pairs > 0) & (norm > 0), 1.0 / jnp.where(norm > 0, norm, 1.0), 1.0
-            )
+            sq = sum(jnp.sum(jnp.square(x / big)) for x in d)
+            if reduce_axis is not None:
+                sq = jax.lax.psum(sq, reduce_axis)
+            norm = big * jnp.sqrt(sq)
+            scale = jnp.where(any_pair & (norm > 0), 1.0 / jnp.where(norm > 0, norm, 1.0), 1.0)
             d = [x * scale for x in d]
+        return d, new
+
+    def core(updates, state, params, layout):
+        """A validated call; jitted when the hyperparameters are static."""
+        g_leaves = layout.treedef.flatten_up_to(updates)
+        g = layout.pack(updates)
+        theta = layout.pack(params)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in g]))
+        k_local = state.rho.shape[0]
+        if mesh is not None:
+            # GSPMD: this transformation opens its own shard_map over the block
+            # axis, so every device runs the recursion on its own rows only.
+            local = layout.local(k_local // mesh.shape[axis_name])
+            specs = _distributed.state_specs(state, axis_name)
+            rows = jax.sharding.PartitionSpec(axis_name)
+            step = jax.shard_map(
+                lambda g0, t0, st, fin: (lambda d, st: ([d[0]], st))(
+                    *local_step(local, [g0], [t0], st, fin, axis_name)),
+                mesh=mesh,
+                in_specs=(rows, rows, specs, jax.sharding.PartitionSpec()),
+                out_specs=([rows], specs),
+            )
+            args = (g[0], theta[0], state, finite)
+            d, new = step(*_distributed.constrain(args, (rows, rows, specs, jax.sharding.PartitionSpec()),
+                                                     mesh))
+            d = [_distributed.replicate(d[0], mesh)]
+        elif axis_name is not None and k_local != layout.num_blocks:
+            # Inside shard_map / pmap with this device's share of the blocks.
+            local = layout.local(k_local)
+            start = jax.lax.axis_index(axis_name) * k_local
+            g = [jax.lax.dynamic_slice_in_dim(g[0], start, k_local, 0)]
+            theta = [jax.lax.dynamic_slice_in_dim(theta[0], start, k_local, 0)]
+            d, new = local_step(local, g, theta, state, finite, axis_name)
+            d = [jax.lax.all_gather(d[0], axis_name, axis=0, tiled=True, to="invarying")]
+        else:
+            d, new = local_step(layout, g, theta, state, finite, None)
         out = layout.unpack(d, dtypes=[x.dtype for x in g_leaves])
         out = jax.tree.map(lambda o, u: jnp.where(finite, o, u), out, updates)
         return out, new
@@ -490,7 +541,10 @@ def scale_by_mlbfgs(
             )
         layout = _blocks.make_layout(params, blocks)
         state_avg = jax.tree.leaves(state.params_avg)
+        rows = local_rows(layout) if mesh is None else layout.num_blocks
         expected = [shape for shape, _ in layout.packed_shapes()]
+        if rows != layout.num_blocks:
+            expected = [(rows,) + expected[0][1:]]
         expected_tree = (layout.treedef if layout.slice_size is None
                          else jax.tree.structure([0]))
         if (jax.tree.structure(state.params_avg) != expected_tree
@@ -502,7 +556,7 @@ def scale_by_mlbfgs(
                 f"{[tuple(x.shape) for x in state_avg]}\n"
                 f"  params: {expected_tree} with shapes {expected}"
             )
-        if state.rho.shape != (layout.num_blocks, num_slots):
+        if state.rho.shape != (rows, num_slots):
             raise ValueError(
                 f"scale_by_mlbfgs: the state holds {state.rho.shape[0]} blocks of memory "
                 f"{state.rho.shape[1]}, but params give {layout.num_blocks} blocks of memory "
@@ -531,7 +585,7 @@ def mlbfgs(
     memory_size: int = 10,
     update_period: int = 10,
     beta: float = 0.99,
-    sigma_low: float = 0.1,
+    sigma_low: float = 0.5,
     sigma_high: float = 1.5,
     tau_max: float = 1.0,
     pair_momentum: float = 0.0,
@@ -548,6 +602,8 @@ def mlbfgs(
     history_dtype: Optional[jax.typing.DTypeLike] = None,
     averages_dtype: Optional[jax.typing.DTypeLike] = None,
     curvature_eps: Optional[float] = None,
+    axis_name: Optional[str] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The mL-BFGS optimizer: weight decay, mL-BFGS direction, momentum, step.
 
@@ -588,6 +644,8 @@ def mlbfgs(
       history_dtype: see :func:`scale_by_mlbfgs`.
       averages_dtype: see :func:`scale_by_mlbfgs`.
       curvature_eps: see :func:`scale_by_mlbfgs`.
+      axis_name: see :func:`scale_by_mlbfgs`.
+      mesh: see :func:`scale_by_mlbfgs`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs
@@ -638,6 +696,8 @@ def mlbfgs(
             history_dtype=history_dtype,
             averages_dtype=averages_dtype,
             curvature_eps=curvature_eps,
+            axis_name=axis_name,
+            mesh=mesh,
         )
     )
     if momentum is not None:

@@ -151,7 +151,7 @@ def test_stored_pairs_respect_damping_bounds():
     rng = np.random.default_rng(3)
     lo, hi = 0.05, 1.5
     tx = mlbfgs_optax.scale_by_mlbfgs(update_period=2, beta=0.3, memory_size=4,
-                                      sigma_low=lo, sigma_high=hi, blocks="leaf")
+                                      sigma_low=lo, sigma_high=hi, sigma_yy=jnp.inf, blocks="leaf")
     params = {"x": jnp.asarray(rng.normal(size=6), jnp.float32),
               "y": jnp.asarray(rng.normal(size=3), jnp.float32)}
     hess = {"x": jnp.asarray(np.linspace(0.2, 8.0, 6), jnp.float32), "y": jnp.full(3, 0.001)}
@@ -259,7 +259,7 @@ def test_inject_hyperparams():
     for _ in range(30):
         u, state = update(2.0 * params, state, params)
         params = optax.apply_updates(params, u)
-    state.hyperparams["learning_rate"] = jnp.asarray(0.05)
+    state.hyperparams["learning_rate"] = state.hyperparams["learning_rate"] * 0.5
     u, state = update(2.0 * params, state, params)
     assert float(jnp.abs(params).max()) < 0.05
     assert _count_compiles(update) == 1
@@ -348,7 +348,7 @@ def test_bad_blocks_and_mismatched_trees():
     state = tx.init(params)
     with pytest.raises(ValueError, match="different tree structures"):
         tx.update({"a": jnp.zeros(3)}, state, params)
-    with pytest.raises(ValueError, match="blocks"):
+    with pytest.raises(ValueError, match="optimizer state"):
         tx.update({"a": jnp.zeros(3)}, state, {"a": jnp.zeros(3)})
     with pytest.raises(ValueError, match="shape"):
         tx.update({"a": jnp.zeros(4), "b": jnp.zeros(2)}, state, params)
