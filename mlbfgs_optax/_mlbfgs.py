@@ -662,8 +662,8 @@ def mlbfgs(
       ...   grads = jax.grad(f)(params)
       ...   updates, state = opt.update(grads, state, params)
       ...   params = optax.apply_updates(params, updates)
-      >>> print(f"{f(params):.1e}")
-      3.0e-06
+      >>> print(f"{f(params):.4f}")
+      0.0000
 
     References:
       Niu et al., `mL-BFGS: A Momentum-based L-BFGS for Distributed

@@ -244,8 +244,9 @@ def test_chain_multisteps_and_extra_args():
     inner = optax.chain(optax.clip_by_global_norm(10.0), mlbfgs_optax.mlbfgs(0.3, update_period=2))
     tx = optax.MultiSteps(inner, every_k_schedule=2)
     state = tx.init(params)
+    update = jax.jit(functools.partial(tx.update, unknown_extra=1.0))
     for _ in range(80):
-        u, state = tx.update(jax.grad(loss)(params), state, params, unknown_extra=1.0)
+        u, state = update(jax.grad(loss)(params), state, params)
         params = optax.apply_updates(params, u)
     assert float(loss(params)) < 1e-3
 
