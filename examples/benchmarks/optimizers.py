@@ -9,6 +9,7 @@ All runs use the same cosine decay from the peak ``lr`` to 0 over the run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Callable, Optional, Sequence
 
@@ -46,16 +47,27 @@ class OptSpec:
     only: Optional[str] = None
 
 
-# The library defaults at the benchmarked commit, passed explicitly (they may change).
-MLBFGS_DEFAULTS = dict(memory_size=M, update_period=10, beta=0.99, sigma_low=0.1, sigma_high=1.5,
-                       tau_max=1.0, pair_momentum=0.0, refresh_grad_average=False,
-                       normalize=False, blocks="leaf", sigma_yy=15.0, bias_correction=True)
+# The library's current defaults, read from its signature for the labels and the memory
+# model only: ``mlbfgs_default`` passes nothing but the learning rate, so it always runs
+# whatever the installed library defaults to.
+_SIG_DEFAULTS = {k: v.default for k, v in inspect.signature(mlbfgs_optax.mlbfgs).parameters.items()
+                 if v.default is not inspect.Parameter.empty}
+LIB_DEFAULTS = {k: _SIG_DEFAULTS[k] for k in (
+    "memory_size", "update_period", "beta", "sigma_low", "sigma_high", "tau_max",
+    "pair_momentum", "refresh_grad_average", "normalize", "blocks", "sigma_yy",
+    "bias_correction")}
+MLBFGS_DEFAULTS: dict = {}  # overrides of the library defaults for mlbfgs_default: none
+# The defaults at commit e50f853 (the previous committed results): sigma_low 0.1.
+MLBFGS_E50F853_DEFAULTS = dict(sigma_low=0.1)
 # The authors' recipe (their code has no bias correction and no y^T y bound).
 MLBFGS_AUTHORS = dict(memory_size=M, update_period=50, beta=0.999, sigma_low=0.01,
                       sigma_high=1.5, tau_max=0.99, pair_momentum=0.9,
                       refresh_grad_average=True, normalize=True, blocks="leaf",
                       weight_decay=2e-4, momentum=0.9, sigma_yy=math.inf,
                       bias_correction=False)
+# The authors' recipe with the library's fixes: bias-corrected averages and the default
+# y^T y bound (sigma_yy=None, i.e. 10 * sigma_high).
+MLBFGS_AUTHORS_FIXES = {**MLBFGS_AUTHORS, "bias_correction": True, "sigma_yy": None}
 # The defaults of the library's first version (before sigma_yy and bias correction).
 MLBFGS_FIRST_DEFAULTS = dict(memory_size=M, update_period=10, beta=0.9, sigma_low=0.01,
                              sigma_high=1.5, tau_max=1.0, pair_momentum=0.0,
@@ -96,8 +108,30 @@ MUON_GRID = (0.003, 0.01, 0.03)
 
 
 def _words_default():
-    d = MLBFGS_DEFAULTS
+    d = LIB_DEFAULTS
     return mlbfgs_words(d["memory_size"], d["update_period"])
+
+
+def _normalized_sgdm(lr):
+    """The control for the authors' recipe: the same weight decay, global normalisation of
+    the direction, momentum 0.9 and schedule, with the identity instead of H."""
+    return optax.chain(optax.add_decayed_weights(MLBFGS_AUTHORS["weight_decay"]),
+                       optax.normalize_by_update_norm(scale_factor=1.0),
+                       optax.trace(decay=MLBFGS_AUTHORS["momentum"]),
+                       optax.scale_by_learning_rate(lr))
+
+
+def _fmt_defaults():
+    d = LIB_DEFAULTS
+    yy = ("10*sigma_high" if d["sigma_yy"] is None else f"{d['sigma_yy']:g}")
+    return (f"beta {d['beta']:g}, T {d['update_period']}, M {d['memory_size']}, sigma "
+            f"{d['sigma_low']:g}/{d['sigma_high']:g}, sigma_yy {yy}, bias correction "
+            f"{d['bias_correction']}, {d['blocks']} blocks")
+
+
+MLBFGS_DEFAULT_GRID = MLBFGS_GRID + (0.3,)  # 0.1 was the best lr at the old grid edge
+AUTHORS_WORDS = mlbfgs_words(M, 50, momentum=True, weight_decay=True, pair_momentum=True,
+                             refresh=True)
 
 
 SPECS = (
@@ -115,16 +149,20 @@ SPECS = (
     OptSpec("mlbfgs_naive", "mlbfgs beta=0, T=1 (naive stochastic L-BFGS + damping)",
             _mlbfgs(**{**MLBFGS_DEFAULTS, "beta": 0.0, "update_period": 1}), MLBFGS_GRID,
             (0.01, 0.1), mlbfgs_words(M, 1), "4M + 7 + 8/T with T=1"),
-    OptSpec("mlbfgs_default", "mlbfgs defaults (beta 0.99, T 10, M 10, sigma 0.1/1.5, "
-            "sigma_yy 15, bias correction, leaf blocks)",
-            _mlbfgs(**MLBFGS_DEFAULTS), MLBFGS_GRID, (0.01, 0.1), _words_default(),
+    OptSpec("mlbfgs_default", f"mlbfgs library defaults, only lr passed ({_fmt_defaults()})",
+            _mlbfgs(**MLBFGS_DEFAULTS), MLBFGS_DEFAULT_GRID, (0.01, 0.1), _words_default(),
             "4M + 7 + 8/T"),
     OptSpec("mlbfgs_authors", "mlbfgs authors' recipe (beta .999, T 50, sigma 0.01/1.5, "
             "tau_max .99, m2 .9, refresh, normalize, momentum .9, wd 2e-4, no bias correction, "
             "no sigma_yy)", _mlbfgs(**MLBFGS_AUTHORS), MLBFGS_GRID,
-            (0.01, 0.1), mlbfgs_words(M, 50, momentum=True, weight_decay=True,
-                                      pair_momentum=True, refresh=True),
-            "4M + 7 + 11/T + 2 (momentum) + 1 (weight decay)"),
+            (0.01, 0.1), AUTHORS_WORDS, "4M + 7 + 11/T + 2 (momentum) + 1 (weight decay)"),
+    OptSpec("mlbfgs_authors_fixes", "authors' recipe + the library's fixes (bias_correction="
+            "True, sigma_yy=None = 10*sigma_high)", _mlbfgs(**MLBFGS_AUTHORS_FIXES), MLBFGS_GRID,
+            (0.01, 0.1), AUTHORS_WORDS, "4M + 7 + 11/T + 2 (momentum) + 1 (weight decay)"),
+    OptSpec("nsgdm", "normalized SGD + momentum, the control for the authors' recipe: "
+            "chain(add_decayed_weights(2e-4), normalize_by_update_norm(1.0), trace(0.9), "
+            "scale_by_learning_rate)", _normalized_sgdm, MLBFGS_GRID, (0.01, 0.1), 5,
+            "5 (read g, theta; read+write trace; write update)"),
     # Ablations of the defaults: run at mlbfgs_default's best lr.
     OptSpec("abl_beta0", "ablation: defaults with beta=0",
             _mlbfgs(**{**MLBFGS_DEFAULTS, "beta": 0.0}), (), (), _words_default(),
@@ -147,6 +185,9 @@ SPECS = (
     OptSpec("abl_blocks_all", "ablation: defaults with blocks='all' (one block)",
             _mlbfgs(**{**MLBFGS_DEFAULTS, "blocks": "all"}), (), (), _words_default(),
             "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
+    OptSpec("abl_sigma_low0.1", "ablation: defaults with sigma_low=0.1 (the defaults at "
+            "e50f853)", _mlbfgs(**{**MLBFGS_DEFAULTS, **MLBFGS_E50F853_DEFAULTS}), (), (),
+            _words_default(), "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
     OptSpec("abl_first_defaults", "ablation: the library's first defaults (beta 0.9, "
             "sigma_low 0.01, no sigma_yy, no bias correction)", _mlbfgs(**MLBFGS_FIRST_DEFAULTS),
             (), (), _words_default(), "4M + 7 + 8/T", ablation_of="mlbfgs_default"),

@@ -40,7 +40,7 @@ KFAC_TASKS = ("mnist1d_mlp",)
 DEFAULT_OUT = os.path.join("examples", "benchmarks", "results")
 
 
-QUICK_SPECS = ("sgd", "muon", "mlbfgs_default", "mlbfgs_authors", "abl_beta0")
+QUICK_SPECS = ("sgd", "muon", "mlbfgs_default", "mlbfgs_authors", "nsgdm", "abl_beta0")
 QUICK_TASKS = ("mnist1d_mlp", "fmnist_mlp", "logreg")
 
 

@@ -233,5 +233,6 @@ def make_task(name: str, fmnist_train_subset: int = 20000) -> Task:
                     # mL-BFGS with absolute damping bounds need lr ~1e-6, and a normalised
                     # step (authors' recipe) of length 0.1 is far too long (see README).
                     lr_scale={"sgd": 3e-5, "mlbfgs_naive": 1e-5, "mlbfgs_default": 1e-5,
-                              "mlbfgs_authors": 1e-2})
+                              "mlbfgs_authors": 1e-2, "mlbfgs_authors_fixes": 1e-2,
+                              "nsgdm": 1e-2})
     raise ValueError(f"unknown task {name!r}; expected one of {TASK_NAMES}")
