@@ -44,3 +44,24 @@ def test_train_data_parallel_help(capsys):
 def test_batch_must_divide_over_devices():
     with pytest.raises(SystemExit, match="multiple of the 8 devices"):
         train_data_parallel.main(["--quick", "--batch-size", "100"])
+
+
+def test_distributed_benchmark_quick():
+    """examples/benchmarks/distributed.py: memory 1/N, one all-gather = half the grad all-reduce."""
+    from examples.benchmarks import distributed
+
+    r = distributed.main(["--quick", "--devices", "1,8"])
+    rows = {row["devices"]: row for row in r["rows"]}
+    base = rows[1]["state_bytes_per_device_max"]
+    for n in (8,):
+        row = rows[n]
+        # 1/N of the state, plus the replicated count (4 B) and average weights (16 B).
+        assert row["state_bytes_per_device_max"] == (base - 20) // n + 20
+        assert [c["op"] for c in row["collectives"]] == ["all-gather"]
+        assert row["collectives"][0]["group_size"] == n
+        # The direction all-gather is (N-1)/N of the float32 parameters, the gradient
+        # ring all-reduce 2(N-1)/N: exactly half (16 blocks divide 131,584 evenly).
+        assert row["comm_bytes_per_device"] == r["num_params"] * 4 * (n - 1) / n
+        assert row["comm_bytes_per_device"] == row["grad_allreduce_bytes_per_device"] / 2
+        assert [c["op"] for c in row["collectives_normalize"]].count("all-reduce") == 3
+    assert rows[1]["collectives"] == []
