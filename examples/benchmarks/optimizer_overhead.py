@@ -39,7 +39,7 @@ import optax
 
 import mlbfgs_optax
 from examples.benchmarks import harness
-from examples.benchmarks.optimizers import MLBFGS_DEFAULTS, mlbfgs_words
+from examples.benchmarks.optimizers import LIB_DEFAULTS, MLBFGS_DEFAULTS, mlbfgs_words
 
 LAYERS = ((1024, 1024), (1024, 1024), (1024, 1024), (1024, 1024))
 
@@ -67,7 +67,7 @@ def time_pair_step(tx, params, repeats):
     state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
     upd = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(1,))
-    period = MLBFGS_DEFAULTS["update_period"]
+    period = LIB_DEFAULTS["update_period"]
     times = []
     for call in range(period * (repeats + 1)):
         t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     params = make_params()
     n = sum(x.size for x in jax.tree.leaves(params))
     bandwidth = harness.measure_bandwidth()
-    T = MLBFGS_DEFAULTS["update_period"]
+    T = LIB_DEFAULTS["update_period"]
     cases = [
         ("sgd (momentum 0.9)", optax.sgd(0.01, momentum=0.9), 4),
         ("adam", optax.adam(1e-3), 7),
