@@ -165,6 +165,34 @@ class BlockLayout:
                 rows.append((seg.offset, jnp.sum(prod, axis=tuple(range(1, x.ndim)))))
         return self._combine(whole, rows, jnp.add, dtype)
 
+    def block_dot_history(self, history: list[jax.Array], v: list[jax.Array], dtype) -> jax.Array:
+        """``<h_m, v>`` per block for every slot ``m`` of ``(M, ...)`` histories: ``(B, M)``."""
+        whole: dict[int, list[jax.Array]] = {}
+        rows: list[tuple[int, jax.Array]] = []
+        for h, x, seg in zip(history, v, self.segments):
+            x = x.astype(dtype)
+            if seg.rows is None:
+                dot = jnp.tensordot(h, x, axes=x.ndim, preferred_element_type=dtype)
+                whole.setdefault(seg.offset, []).append(dot.astype(dtype))
+            else:
+                dot = jnp.einsum("mr...,r...->rm", h, x, preferred_element_type=dtype)
+                rows.append((seg.offset, dot.astype(dtype)))
+        return self._combine(whole, rows, jnp.add, dtype)
+
+    def combine_history(self, coef: jax.Array, history: list[jax.Array], dtype) -> list[jax.Array]:
+        """``sum_m coef[b, m] h_m`` for every packed array (``coef``: ``(B, M)``)."""
+        out = []
+        for j, (h, seg) in enumerate(zip(history, self.segments)):
+            if seg.rows is None:
+                c = coef[seg.offset]
+                out.append(jnp.tensordot(c.astype(dtype), h, axes=1,
+                                         preferred_element_type=dtype).astype(dtype))
+            else:
+                c = coef[seg.offset : seg.offset + seg.rows]
+                out.append(jnp.einsum("rm,mr...->r...", c.astype(dtype), h,
+                                      preferred_element_type=dtype).astype(dtype))
+        return out
+
     def block_max_abs(self, a: list[jax.Array], dtype) -> jax.Array:
         """Per-block ``max |a_b|``, shape ``(B,)``, in ``dtype``."""
         whole: dict[int, list[jax.Array]] = {}

@@ -19,7 +19,8 @@ from mlbfgs_optax._state import ScaleByMLBFGSState
 
 _ROW_FIELDS = ("params_avg", "grads_avg", "params_snapshot", "grads_snapshot")
 _HISTORY_FIELDS = ("s_history", "y_history")
-_BLOCK_FIELDS = ("rho", "gamma", "newest", "num_pairs", "num_skipped", "mu", "mu_damped", "tau")
+_BLOCK_FIELDS = ("rho", "gamma", "newest", "num_pairs", "num_skipped", "mu", "mu_damped", "tau",
+                 "sy_gram", "yy_gram")
 
 
 def state_specs(state: ScaleByMLBFGSState, axis_name: str | None) -> ScaleByMLBFGSState:

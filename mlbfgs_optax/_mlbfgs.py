@@ -326,6 +326,8 @@ def scale_by_mlbfgs(
             mu=jnp.zeros((b,), acc),
             mu_damped=jnp.zeros((b,), acc),
             tau=jnp.ones((b,), acc),
+            sy_gram=jnp.zeros((b, num_slots, num_slots), acc),
+            yy_gram=jnp.zeros((b, num_slots, num_slots), acc),
             avg_weights=jnp.zeros((4,), acc),
         )
 
@@ -380,22 +382,36 @@ def scale_by_mlbfgs(
         sy_hat = layout.block_dot(s_st, y_st, acc)
         yy_hat = layout.block_dot(y_st, y_st, acc)
         eps = jnp.finfo(acc).eps if curvature_eps is None else curvature_eps
-        finite = jnp.isfinite(ss) & jnp.isfinite(sy_hat) & jnp.isfinite(yy_hat)
+        slot = (st.newest + 1) % num_slots
+        # Inner products of the new pair with the stored ones, for the Gram
+        # matrices; the slot it replaces gets the pair's own products.
+        blocks_idx = jnp.arange(layout.num_blocks)
+        at_slot = lambda v, own: v.at[blocks_idx, slot].set(own)
+        row_sy = at_slot(layout.block_dot_history(y_hist, s_st, acc), sy_hat)  # s_new^T y_q
+        col_sy = at_slot(layout.block_dot_history(s_hist, y_st, acc), sy_hat)  # s_q^T y_new
+        row_yy = at_slot(layout.block_dot_history(y_hist, y_st, acc), yy_hat)  # y_q^T y_new
+        finite = jnp.isfinite(ss) & jnp.isfinite(sy_hat) & jnp.isfinite(yy_hat) & jnp.all(
+            jnp.isfinite(row_sy) & jnp.isfinite(col_sy) & jnp.isfinite(row_yy), axis=1)
         has_snapshot = t >= update_period
         # rho = 1 / s^T y_hat must be a normal number: a flushed rho would read as an
         # empty slot while the pair is counted.
         rho_ok = sy_hat < 1.0 / jnp.finfo(acc).tiny
         accept = has_snapshot & finite & (sy_hat > eps * ss) & (yy_hat > 0) & rho_ok
 
-        slot = (st.newest + 1) % num_slots
         s_hist = [layout.scatter_slot(h, v, slot, accept, j) for j, (h, v) in enumerate(zip(s_hist, s_st))]
         y_hist = [layout.scatter_slot(h, v, slot, accept, j) for j, (h, v) in enumerate(zip(y_hist, y_st))]
-        blocks_idx = jnp.arange(layout.num_blocks)
         old_rho = st.rho[blocks_idx, slot]
         rho = st.rho.at[blocks_idx, slot].set(
             jnp.where(accept, _damping.safe_div(1.0, sy_hat), old_rho)
         )
         gamma = jnp.where(accept, _damping.safe_div(sy_hat, yy_hat, 1.0), st.gamma)
+
+        def set_cross(gram, row, col):
+            new = gram.at[blocks_idx, slot, :].set(row).at[blocks_idx, :, slot].set(col)
+            return jnp.where(accept[:, None, None], new, gram)
+
+        sy_gram = set_cross(st.sy_gram, row_sy, col_sy)
+        yy_gram = set_cross(st.yy_gram, row_yy, row_yy)
         newest = jnp.where(accept, slot, st.newest)
         num_pairs = jnp.where(accept, jnp.minimum(st.num_pairs + 1, num_slots), st.num_pairs)
         rejected = has_snapshot & ~accept
@@ -420,6 +436,8 @@ def scale_by_mlbfgs(
             y_history=as_state_tree(layout, y_hist),
             rho=rho,
             gamma=gamma,
+            sy_gram=sy_gram,
+            yy_gram=yy_gram,
             newest=newest,
             num_pairs=num_pairs,
             num_skipped=st.num_skipped + rejected.astype(jnp.int32),
@@ -462,7 +480,7 @@ def scale_by_mlbfgs(
         )
 
         # 3. Direction d_b = H_b g_b by the two-loop recursion.
-        d = _two_loop.blockwise_two_loop(
+        d = _two_loop.blockwise_two_loop_gram(
             layout,
             g,
             from_state_tree(layout, new.s_history, "params"),
@@ -470,6 +488,8 @@ def scale_by_mlbfgs(
             new.rho,
             new.gamma,
             new.newest,
+            new.sy_gram,
+            new.yy_gram,
         )
         # 4. Optional global normalisation once any pair exists.
         if normalize:

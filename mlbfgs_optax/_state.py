@@ -37,6 +37,11 @@ class ScaleByMLBFGSState(NamedTuple):
         damping, ``(B,)`` (diagnostics).
       mu_damped: :math:`s^\top \hat y / s^\top s` after damping, ``(B,)``.
       tau: the damping weight :math:`\tau` of the last candidate pair, ``(B,)``.
+      sy_gram: :math:`s_p^\top \hat y_q` for every pair of ring-buffer slots,
+        ``(B, M, M)``: with ``yy_gram`` it lets the two-loop recursion read the
+        history in two streaming passes
+        (:func:`~mlbfgs_optax._two_loop.blockwise_two_loop_gram`).
+      yy_gram: :math:`\hat y_p^\top \hat y_q`, ``(B, M, M)``.
       avg_weights: total EMA weight :math:`1 - \beta^k` held by ``params_avg``,
         ``grads_avg``, ``params_snapshot`` and ``grads_snapshot``, shape
         ``(4,)``; with ``bias_correction`` the pairs are formed from the
@@ -58,4 +63,6 @@ class ScaleByMLBFGSState(NamedTuple):
     mu: jax.Array
     mu_damped: jax.Array
     tau: jax.Array
+    sy_gram: jax.Array
+    yy_gram: jax.Array
     avg_weights: jax.Array

@@ -163,3 +163,93 @@ def two_loop_recursion(
         jnp.asarray(newest, jnp.int32).reshape(1),
     )
     return layout.unpack(d)
+
+
+def blockwise_two_loop_gram(
+    layout: _blocks.BlockLayout,
+    updates: list[jax.Array],
+    s_history: list[jax.Array],
+    y_history: list[jax.Array],
+    rho: jax.Array,
+    gamma: jax.Array,
+    newest: jax.Array,
+    sy_gram: jax.Array,
+    yy_gram: jax.Array,
+) -> list[jax.Array]:
+    r"""The two-loop recursion of :func:`blockwise_two_loop`, from cached inner products.
+
+    The scalars of the recursion only need :math:`S^\top g`, :math:`Y^\top g`
+    and the Gram matrices :math:`C_{pq} = s_p^\top \hat y_q`,
+    :math:`D_{pq} = \hat y_p^\top \hat y_q` (kept in the optimizer state and
+    updated when a pair is stored):
+
+    .. math::
+      \alpha_i &= \rho_i \big(s_i^\top g - \textstyle\sum_{k \text{ newer}} \alpha_k C_{ik}\big),
+      \\
+      \beta_i &= \rho_i \big(\gamma (\hat y_i^\top g - \textstyle\sum_k \alpha_k D_{ik})
+      + \textstyle\sum_{k \text{ older}} (\alpha_k - \beta_k) C_{ki}\big), \\
+      d &= \gamma g - \gamma \textstyle\sum_k \alpha_k \hat y_k
+      + \textstyle\sum_k (\alpha_k - \beta_k) s_k ,
+
+    the same :math:`\alpha, \beta` and :math:`d` as the two loops, but the
+    history is read twice in two streaming passes (:math:`4Mn` numbers)
+    instead of :math:`2M` dependent vector passes. The :math:`O(M)` scalar
+    recursions run as ``jax.lax.scan`` over the ring buffer's age order.
+
+    Args:
+      layout: the static block layout of the packed arrays.
+      updates: packed :math:`g`.
+      s_history: packed :math:`s` history (leading axis ``M``).
+      y_history: packed :math:`\hat y` history.
+      rho: ``(B, M)``, 0 for empty slots.
+      gamma: ``(B,)``.
+      newest: ``(B,)`` slot of the newest pair.
+      sy_gram: ``(B, M, M)``, :math:`s_p^\top \hat y_q` by slot.
+      yy_gram: ``(B, M, M)``, :math:`\hat y_p^\top \hat y_q` by slot.
+
+    Returns:
+      The packed direction, in the accumulation dtype.
+    """
+    num_slots = rho.shape[-1]
+    acc = accumulation_dtype(rho.dtype, *(u.dtype for u in updates))
+    scale = layout.block_max_abs(updates, acc)
+    scale = jnp.where(jnp.isfinite(scale) & (scale > 0), jnp.exp2(jnp.round(jnp.log2(scale))), 1.0)
+    inv = 1.0 / scale
+    g = [u.astype(acc) * layout.broadcast(inv, j, u.ndim) for j, u in enumerate(updates)]
+
+    # One streaming pass over each history: S^T g and Y^T g for every slot.
+    sg = layout.block_dot_history(s_history, g, acc)
+    yg = layout.block_dot_history(y_history, g, acc)
+    # Age order: age 0 is the newest pair.
+    ages = jnp.arange(num_slots)
+    slots = (newest[:, None] - ages[None, :]) % num_slots  # (B, M)
+    by_age = lambda x: jnp.take_along_axis(x.astype(acc), slots, axis=1)
+    by_age2 = lambda m: jnp.take_along_axis(
+        jnp.take_along_axis(m.astype(acc), slots[:, :, None], axis=1), slots[:, None, :], axis=2)
+    sg, yg, r = by_age(sg), by_age(yg), by_age(rho)
+    c_mat, d_mat = by_age2(sy_gram), by_age2(yy_gram)
+    zeros = jnp.zeros_like(rho, dtype=acc)  # inherits a shard_map varying type
+
+    def first(alpha, i):  # newest -> oldest
+        a_i = r[:, i] * (sg[:, i] - jnp.sum(alpha * c_mat[:, i, :], axis=1))
+        return alpha.at[:, i].set(a_i), None
+
+    alpha, _ = jax.lax.scan(first, zeros, ages)
+    gam = gamma.astype(acc)
+    yq = yg - jnp.einsum("bik,bk->bi", d_mat, alpha)
+
+    def second(c, i):  # oldest -> newest; c_k = alpha_k - beta_k of the older pairs
+        beta_i = r[:, i] * (gam * yq[:, i] + jnp.sum(c * c_mat[:, :, i], axis=1))
+        return c.at[:, i].set(alpha[:, i] - beta_i), None
+
+    c, _ = jax.lax.scan(second, zeros, ages, reverse=True)
+    # Back to slot order, then one more streaming pass over each history.
+    rows = jnp.arange(rho.shape[0])[:, None]
+    coef_s = zeros.at[rows, slots].set(c)
+    coef_y = zeros.at[rows, slots].set(-gam[:, None] * alpha)
+    ds = layout.combine_history(coef_s, s_history, acc)
+    dy = layout.combine_history(coef_y, y_history, acc)
+    return [
+        (layout.broadcast(gam, j, x.ndim) * x + a + b) * layout.broadcast(scale, j, x.ndim)
+        for j, (x, a, b) in enumerate(zip(g, ds, dy))
+    ]

@@ -301,7 +301,7 @@ def test_params_required():
 
 
 def test_state_size_bound():
-    """(2M + 4) n numbers for n parameters, plus O(M) scalars per block."""
+    """(2M + 4) n numbers for n parameters, plus 2M^2 + M + 7 scalars per block."""
     params = {"a": jnp.zeros((100, 30)), "b": jnp.zeros(30)}
     n = 3030
     for m in (1, 5, 10):
@@ -311,7 +311,8 @@ def test_state_size_bound():
              st.s_history, st.y_history)))
         small = sum(x.size for x in jax.tree.leaves(st)) - big
         assert big == (2 * m + 4) * n
-        assert small <= 2 * (m + 8) + 4  # per block: rho (M), 7 scalars; count, 4 weights
+        # Per block: the Gram matrices (2 M^2), rho (M) and 7 scalars; count, 4 weights.
+        assert small == 2 * (2 * m * m + m + 7) + 1 + 4
     st16 = mlbfgs_optax.scale_by_mlbfgs(history_dtype=jnp.bfloat16).init(params)
     assert st16.s_history["a"].dtype == jnp.bfloat16
 

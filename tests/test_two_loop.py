@@ -147,3 +147,35 @@ def test_bfloat16_history_accumulates_in_float32():
     ref = dense_bfgs_inverse(pairs, 1.0, 8) @ np.asarray(g, np.float64)
     np.testing.assert_allclose(np.asarray(d, np.float64), ref, rtol=0.05, atol=0.05)
     assert _two_loop.accumulation_dtype(jnp.bfloat16) == jnp.float32
+
+
+@pytest.mark.parametrize("blocks", ["leaf", mlbfgs_optax.EqualSlices(3)], ids=["leaf", "slices"])
+def test_gram_form_equals_two_loops(blocks):
+    """blockwise_two_loop_gram (used by the optimizer) = the scan two-loop, with
+    partly empty ring buffers and per-block newest slots."""
+    rng = np.random.default_rng(5)
+    memory = 4
+    with jax.enable_x64(True):
+        layout = _blocks.make_layout({"a": np.zeros((3, 4)), "b": np.zeros(5)}, blocks)
+        packed = [np.zeros(s) for s, _ in layout.packed_shapes()]
+        b = layout.num_blocks
+        s_hist = [rng.normal(size=(memory,) + x.shape) for x in packed]
+        y_hist = [s + 0.3 * rng.normal(size=s.shape) for s in s_hist]
+        as_j = lambda xs: [jnp.asarray(x) for x in xs]
+        slot = lambda xs, p: [jnp.asarray(x[p]) for x in xs]
+        dot = lambda u, v: np.asarray(layout.block_dot(u, v, jnp.float64))
+        sy = np.stack([[dot(slot(s_hist, p), slot(y_hist, q)) for q in range(memory)]
+                       for p in range(memory)])  # (M, M, B)
+        yy = np.stack([[dot(slot(y_hist, p), slot(y_hist, q)) for q in range(memory)]
+                       for p in range(memory)])
+        rho = 1.0 / np.stack([sy[p, p] for p in range(memory)], axis=1)  # (B, M)
+        newest = rng.integers(0, memory, size=b)
+        rho[np.arange(b), (newest + 1) % memory] = 0.0  # one empty slot per block
+        args = (as_j(rng.normal(size=x.shape) for x in packed), as_j(s_hist), as_j(y_hist),
+                jnp.asarray(rho), jnp.asarray(rng.uniform(0.5, 2.0, size=b)),
+                jnp.asarray(newest, jnp.int32))
+        d_scan = _two_loop.blockwise_two_loop(layout, *args)
+        d_gram = _two_loop.blockwise_two_loop_gram(
+            layout, *args, jnp.asarray(np.moveaxis(sy, 2, 0)), jnp.asarray(np.moveaxis(yy, 2, 0)))
+    for x, y in zip(d_scan, d_gram):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-10, atol=1e-12)
