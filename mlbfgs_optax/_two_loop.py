@@ -30,6 +30,19 @@ def accumulation_dtype(*dtypes) -> jnp.dtype:
     return jnp.dtype(jnp.result_type(jnp.float32, *dtypes))
 
 
+def _rescaled(layout, updates, acc):
+    """``g_b / c_b`` with ``c_b`` the power of two nearest ``max|g_b|``, and ``c``.
+
+    H g is linear in g: running the recursion on the rescaled vector and
+    multiplying back by ``c`` (exact: a power of two) keeps every dot product
+    finite for huge but finite gradients.
+    """
+    scale = layout.block_max_abs(updates, acc)
+    scale = jnp.where(jnp.isfinite(scale) & (scale > 0), jnp.exp2(jnp.round(jnp.log2(scale))), 1.0)
+    inv = 1.0 / scale
+    return [u.astype(acc) * layout.broadcast(inv, j, u.ndim) for j, u in enumerate(updates)], scale
+
+
 def blockwise_two_loop(
     layout: _blocks.BlockLayout,
     updates: list[jax.Array],
@@ -57,13 +70,7 @@ def blockwise_two_loop(
     num_slots = rho.shape[-1]
     acc = accumulation_dtype(rho.dtype, *(u.dtype for u in updates))
     block_index = jnp.arange(layout.num_blocks)
-    # H g is linear in g: run the recursion on g_b / max|g_b| and scale back, so
-    # that no dot product overflows for huge (finite) gradients.
-    # The scale is a power of two, so scaling and unscaling are exact.
-    scale = layout.block_max_abs(updates, acc)
-    scale = jnp.where(jnp.isfinite(scale) & (scale > 0), jnp.exp2(jnp.round(jnp.log2(scale))), 1.0)
-    inv = 1.0 / scale
-    q0 = [u.astype(acc) * layout.broadcast(inv, j, u.ndim) for j, u in enumerate(updates)]
+    q0, scale = _rescaled(layout, updates, acc)
 
     def pair_at(i):
         slots = (newest - i) % num_slots
@@ -212,10 +219,7 @@ def blockwise_two_loop_gram(
     """
     num_slots = rho.shape[-1]
     acc = accumulation_dtype(rho.dtype, *(u.dtype for u in updates))
-    scale = layout.block_max_abs(updates, acc)
-    scale = jnp.where(jnp.isfinite(scale) & (scale > 0), jnp.exp2(jnp.round(jnp.log2(scale))), 1.0)
-    inv = 1.0 / scale
-    g = [u.astype(acc) * layout.broadcast(inv, j, u.ndim) for j, u in enumerate(updates)]
+    g, scale = _rescaled(layout, updates, acc)
 
     # One streaming pass over each history: S^T g and Y^T g for every slot.
     sg = layout.block_dot_history(s_history, g, acc)
