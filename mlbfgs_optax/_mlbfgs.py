@@ -192,7 +192,9 @@ def scale_by_mlbfgs(
       mesh: a :class:`jax.sharding.Mesh` for ``jax.jit`` (GSPMD) programs:
         ``init`` places the state sharded over ``axis_name`` from the start
         and ``update`` runs the blocks in a :func:`jax.shard_map` over it.
-        Works with Explicit and Auto axes.
+        Works with Explicit and Auto axes. When params are a single
+        ``(num_blocks, block_size)`` array sharded over ``axis_name`` (FSDP
+        style), the direction stays sharded and the step has no collective.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs
@@ -531,7 +533,11 @@ def scale_by_mlbfgs(
             args = (g[0], theta[0], state, finite)
             d, new = step(*_distributed.constrain(args, (rows, rows, specs, jax.sharding.PartitionSpec()),
                                                      mesh))
-            d = [_distributed.replicate(d[0], mesh)]
+            if layout.shapes != ((layout.num_blocks, layout.slice_size),):
+                # Params are laid out differently: one all-gather of the direction.
+                d = [_distributed.replicate(d[0], mesh)]
+            # Else params are one (num_blocks, block_size) array, sharded like the
+            # blocks (FSDP style): the direction stays sharded, no collective.
         elif axis_name is not None and k_local != layout.num_blocks:
             # Inside shard_map / pmap with this device's share of the blocks.
             local = layout.local(k_local)

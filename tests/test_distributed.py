@@ -206,3 +206,30 @@ def test_mesh_configuration_errors():
     with pytest.raises(ValueError, match="divisible"):
         mlbfgs_optax.scale_by_mlbfgs(mesh=mesh, axis_name="data",
                                      blocks=mlbfgs_optax.EqualSlices(12))
+
+
+def test_fsdp_style_params_need_no_collective():
+    """Params stored as one (K, n_b) array sharded like the blocks: no all-gather."""
+    mesh = jax.make_mesh((N_DEV,), ("data",))
+    with jax.enable_x64(True):
+        params, grad = _problem()
+        flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(params)])
+        n_b = -(-flat.size // K)
+        flat = jnp.pad(flat, (0, K * n_b - flat.size)).reshape(K, n_b)
+        opt = mlbfgs_optax.mlbfgs(0.1, mesh=mesh, axis_name="data", **KW)
+        single = mlbfgs_optax.mlbfgs(0.1, **KW)
+        target = jnp.asarray(np.linspace(-1.0, 2.0, flat.size).reshape(flat.shape))
+        grad_fn = lambda p, t: 2.0 * (p - target) * (1.0 + t)
+        p_ref, _ = _run(single, flat, grad_fn)
+        with jax.set_mesh(mesh):
+            sharded = jax.device_put(flat, NamedSharding(mesh, P("data", None)))
+            state = opt.init(sharded)
+            hlo = jax.jit(opt.update).lower(grad_fn(sharded, 0.0), state, sharded).compile()
+            hlo = hlo.as_text()
+            p, _ = _run(opt, sharded, grad_fn, state=state)
+        collectives = [line.strip() for line in hlo.splitlines()
+                       if "all-gather" in line or "all-reduce(" in line or "all-to-all" in line]
+        # The only collective: one boolean all-reduce, "is every gradient finite".
+        assert len(collectives) == 1 and "pred[] all-reduce(" in collectives[0], collectives
+        assert p.sharding.spec == P("data", None) or p.sharding.spec == P("data")
+        _assert_same(p, p_ref)
