@@ -300,8 +300,10 @@ def plot(results: dict, out_dir: str) -> list[str]:
                         if len(rs) > 1:
                             ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.15,
                                             color=line.get_color(), lw=0)
-            first = [np.median([r["train_loss"][1] for r in chosen[o].values()
-                                if len(r["train_loss"]) > 1]) for o in opts]
+            # Diverged values are stored as None (NaN in JSON terms): np.array(float) -> nan.
+            first = [np.nanmedian(np.array([r["train_loss"][1] for r in chosen[o].values()
+                                            if len(r["train_loss"]) > 1] or [np.nan], float))
+                     for o in opts]
             first = [f for f in first if np.isfinite(f)]
             for col, xl in enumerate(("step", "seconds (training only)")):
                 axes[1, col].set_xlabel(xl)
@@ -313,8 +315,10 @@ def plot(results: dict, out_dir: str) -> list[str]:
                 if ykey == "gap":
                     axes[1, col].set_yscale("log")
                 else:
-                    finals = [np.median([r["test_acc"][-1] for r in chosen[o].values()])
+                    finals = [np.nanmedian(np.array([r["test_acc"][-1]
+                                                     for r in chosen[o].values()], float))
                               for o in opts]
+                    finals = [f for f in finals if np.isfinite(f)] or [0.0]
                     axes[1, col].set_ylim(max(0.0, min(finals) - 0.15), None)
             axes[0, 0].legend(fontsize=7)
             fig.suptitle(f"{name}: median over seeds (band: min-max)", fontsize=10)
