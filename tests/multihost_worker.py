@@ -72,7 +72,6 @@ def main(argv):
         heartbeat_timeout_seconds=30,
         shutdown_timeout_seconds=30,
     )
-    import jax.numpy as jnp
     import optax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P

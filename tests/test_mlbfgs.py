@@ -121,8 +121,8 @@ def test_label_blocks_and_callable_labels_agree():
         d2, s2 = by_fn.update(g, s2, params)
         params = jax.tree.map(lambda p, d: p - 0.1 * d, params, d1)
         g = jax.tree.map(lambda x: 2.0 * x + 1.0, params)
-    chex_equal = jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), d1, d2)
-    del chex_equal
+    for x, y in zip(jax.tree.leaves(d1), jax.tree.leaves(d2)):
+        np.testing.assert_allclose(x, y, rtol=1e-6)
 
 
 def test_equal_slices_converge_like_leaf_blocks():
@@ -282,8 +282,8 @@ def test_init_on_shape_dtype_struct_and_donation():
     shapes = jax.eval_shape(tx.init, abstract)
     state = tx.init(params)
     assert jax.tree.structure(shapes) == jax.tree.structure(state)
-    jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail(), shapes,
-                 state)
+    for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(state)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
     # No buffer is aliased twice: donating a fresh state works.
     ids = [id(x) for x in jax.tree.leaves(state)]
     assert len(ids) == len(set(ids))

@@ -17,7 +17,6 @@ import functools
 import math
 import time
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
