@@ -86,3 +86,29 @@ def test_overhead_markdown_is_well_formed():
     }
     md = optimizer_overhead.markdown(fake)
     assert md.count("| sgd (momentum 0.9) |") == 2 and "| 2 | 2.00 | 1.00 |" in md
+
+
+def test_cifar10_task_reads_a_user_directory(tmp_path, monkeypatch):
+    """CIFAR-10 cannot be downloaded here: the task reads the python-pickle batches
+    from $CIFAR10_DIR. A tiny directory in that format stands in for the real one."""
+    import pickle
+
+    import numpy as np
+
+    from examples.benchmarks import tasks
+
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, size=4))}
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(batch, f)
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    assert "cifar10_cnn" not in tasks.default_tasks()
+    monkeypatch.setenv("CIFAR10_DIR", str(tmp_path))
+    assert "cifar10_cnn" in tasks.default_tasks()
+    task = tasks.make_task("cifar10_cnn")
+    assert task.x_train.shape == (20, 32, 32, 3) and task.x_test.shape == (4, 32, 32, 3)
+    params = task.init(jax.random.PRNGKey(0))
+    logits = task.apply(params, task.x_test)
+    assert logits.shape == (4, 10)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from examples.benchmarks import harness, kfac_runner
 from examples.benchmarks.optimizers import SPECS, OptSpec
-from examples.benchmarks.tasks import TASK_NAMES, Task, make_task
+from examples.benchmarks.tasks import TASK_NAMES, Task, default_tasks, make_task
 
 KFAC_TASKS = ("mnist1d_mlp",)
 DEFAULT_OUT = os.path.join("examples", "benchmarks", "results")
@@ -374,7 +374,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
     if args.tasks is None:
-        args.tasks = list(QUICK_TASKS if args.quick else TASK_NAMES)
+        args.tasks = list(QUICK_TASKS if args.quick else default_tasks())
     args.kfac = args.kfac == "on" or (args.kfac == "auto" and not args.quick)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
