@@ -271,6 +271,14 @@ def make_layout(params: Any, blocks: BlockSpec) -> BlockLayout:
     Raises:
       ValueError: when the labels do not match ``params`` or the spec is
         unknown.
+
+    Example:
+      >>> import jax.numpy as jnp, mlbfgs_optax
+      >>> params = {'enc': {'w': jnp.ones((2, 3)), 'b': jnp.ones(3)}, 'head': jnp.ones(4)}
+      >>> layout = mlbfgs_optax.make_layout(
+      ...     params, {'enc': {'w': 'enc', 'b': 'enc'}, 'head': 'head'})
+      >>> layout.block_names, layout.block_sizes
+      (('enc', 'head'), (9, 4))
     """
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     if not paths_leaves:

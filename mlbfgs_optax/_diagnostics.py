@@ -16,6 +16,13 @@ def find_mlbfgs_state(opt_state: Any) -> ScaleByMLBFGSState:
 
     Raises:
       ValueError: when there is none, or more than one.
+
+    Example:
+      >>> import jax.numpy as jnp, mlbfgs_optax
+      >>> opt = mlbfgs_optax.mlbfgs(0.1, momentum=0.9)
+      >>> state = opt.init({'w': jnp.ones(3)})
+      >>> mlbfgs_optax.find_mlbfgs_state(state).num_pairs
+      Array([0], dtype=int32)
     """
     found = [
         s
