@@ -91,6 +91,7 @@ def scale_by_mlbfgs(
     blocks: _blocks.BlockSpec = "leaf",
     *,
     sigma_yy: Optional[float] = None,
+    cache_gram: bool = True,
     bias_correction: bool = True,
     history_dtype: Optional[jax.typing.DTypeLike] = None,
     averages_dtype: Optional[jax.typing.DTypeLike] = None,
@@ -164,6 +165,13 @@ def scale_by_mlbfgs(
         every stored pair has a bounded spectrum, the condition under which
         stochastic damped L-BFGS has bounded :math:`H` (Wang et al., 2017,
         https://arxiv.org/abs/1607.01231). It is not in the authors' code.
+      cache_gram: keep the Gram matrices :math:`S^\top Y` and :math:`Y^\top Y`
+        of every block in the state (:math:`2M^2` numbers per block, updated
+        when a pair is stored) and evaluate the two-loop recursion from them,
+        reading the history in two streaming passes (about 1.4x faster at
+        :math:`M = 10` on CPU). ``False`` runs the plain ``lax.scan``
+        two-loop over the history (:math:`2M` dependent passes) and keeps only
+        :math:`O(M)` numbers per block.
       bias_correction: form pairs from the bias-corrected averages
         :math:`M / (1 - \beta^k)` (as Adam does). The averages start at zero, so
         without it their change over the first :math:`\sim 1/(1-\beta)` steps
@@ -328,8 +336,8 @@ def scale_by_mlbfgs(
             mu=jnp.zeros((b,), acc),
             mu_damped=jnp.zeros((b,), acc),
             tau=jnp.ones((b,), acc),
-            sy_gram=jnp.zeros((b, num_slots, num_slots), acc),
-            yy_gram=jnp.zeros((b, num_slots, num_slots), acc),
+            sy_gram=jnp.zeros((b,) + ((num_slots,) * 2 if cache_gram else (0, 0)), acc),
+            yy_gram=jnp.zeros((b,) + ((num_slots,) * 2 if cache_gram else (0, 0)), acc),
             avg_weights=jnp.zeros((4,), acc),
         )
 
@@ -388,12 +396,14 @@ def scale_by_mlbfgs(
         # Inner products of the new pair with the stored ones, for the Gram
         # matrices; the slot it replaces gets the pair's own products.
         blocks_idx = jnp.arange(layout.num_blocks)
-        at_slot = lambda v, own: v.at[blocks_idx, slot].set(own)
-        row_sy = at_slot(layout.block_dot_history(y_hist, s_st, acc), sy_hat)  # s_new^T y_q
-        col_sy = at_slot(layout.block_dot_history(s_hist, y_st, acc), sy_hat)  # s_q^T y_new
-        row_yy = at_slot(layout.block_dot_history(y_hist, y_st, acc), yy_hat)  # y_q^T y_new
-        finite = jnp.isfinite(ss) & jnp.isfinite(sy_hat) & jnp.isfinite(yy_hat) & jnp.all(
-            jnp.isfinite(row_sy) & jnp.isfinite(col_sy) & jnp.isfinite(row_yy), axis=1)
+        finite = jnp.isfinite(ss) & jnp.isfinite(sy_hat) & jnp.isfinite(yy_hat)
+        if cache_gram:
+            at_slot = lambda v, own: v.at[blocks_idx, slot].set(own)
+            row_sy = at_slot(layout.block_dot_history(y_hist, s_st, acc), sy_hat)  # s_new^T y_q
+            col_sy = at_slot(layout.block_dot_history(s_hist, y_st, acc), sy_hat)  # s_q^T y_new
+            row_yy = at_slot(layout.block_dot_history(y_hist, y_st, acc), yy_hat)  # y_q^T y_new
+            finite &= jnp.all(
+                jnp.isfinite(row_sy) & jnp.isfinite(col_sy) & jnp.isfinite(row_yy), axis=1)
         has_snapshot = t >= update_period
         # rho = 1 / s^T y_hat must be a normal number: a flushed rho would read as an
         # empty slot while the pair is counted.
@@ -412,8 +422,10 @@ def scale_by_mlbfgs(
             new = gram.at[blocks_idx, slot, :].set(row).at[blocks_idx, :, slot].set(col)
             return jnp.where(accept[:, None, None], new, gram)
 
-        sy_gram = set_cross(st.sy_gram, row_sy, col_sy)
-        yy_gram = set_cross(st.yy_gram, row_yy, row_yy)
+        sy_gram, yy_gram = st.sy_gram, st.yy_gram
+        if cache_gram:
+            sy_gram = set_cross(sy_gram, row_sy, col_sy)
+            yy_gram = set_cross(yy_gram, row_yy, row_yy)
         newest = jnp.where(accept, slot, st.newest)
         num_pairs = jnp.where(accept, jnp.minimum(st.num_pairs + 1, num_slots), st.num_pairs)
         rejected = has_snapshot & ~accept
@@ -482,7 +494,7 @@ def scale_by_mlbfgs(
         )
 
         # 3. Direction d_b = H_b g_b by the two-loop recursion.
-        d = _two_loop.blockwise_two_loop_gram(
+        history = (
             layout,
             g,
             from_state_tree(layout, new.s_history, "params"),
@@ -490,9 +502,11 @@ def scale_by_mlbfgs(
             new.rho,
             new.gamma,
             new.newest,
-            new.sy_gram,
-            new.yy_gram,
         )
+        if cache_gram:
+            d = _two_loop.blockwise_two_loop_gram(*history, new.sy_gram, new.yy_gram)
+        else:
+            d = _two_loop.blockwise_two_loop(*history)
         # 4. Optional global normalisation once any pair exists.
         if normalize:
             # Global norm, scaled by the largest entry so that it cannot overflow.
@@ -624,6 +638,7 @@ def mlbfgs(
     nesterov: bool = False,
     *,
     sigma_yy: Optional[float] = None,
+    cache_gram: bool = True,
     bias_correction: bool = True,
     history_dtype: Optional[jax.typing.DTypeLike] = None,
     averages_dtype: Optional[jax.typing.DTypeLike] = None,
@@ -667,6 +682,7 @@ def mlbfgs(
       nesterov: use Nesterov momentum (with ``momentum``).
       bias_correction: see :func:`scale_by_mlbfgs`.
       sigma_yy: see :func:`scale_by_mlbfgs`.
+      cache_gram: see :func:`scale_by_mlbfgs`.
       history_dtype: see :func:`scale_by_mlbfgs`.
       averages_dtype: see :func:`scale_by_mlbfgs`.
       curvature_eps: see :func:`scale_by_mlbfgs`.
@@ -718,6 +734,7 @@ def mlbfgs(
             normalize=normalize,
             blocks=blocks,
             sigma_yy=sigma_yy,
+            cache_gram=cache_gram,
             bias_correction=bias_correction,
             history_dtype=history_dtype,
             averages_dtype=averages_dtype,

@@ -40,8 +40,8 @@ class ScaleByMLBFGSState(NamedTuple):
       sy_gram: :math:`s_p^\top \hat y_q` for every pair of ring-buffer slots,
         ``(B, M, M)``: with ``yy_gram`` it lets the two-loop recursion read the
         history in two streaming passes
-        (:func:`~mlbfgs_optax._two_loop.blockwise_two_loop_gram`).
-      yy_gram: :math:`\hat y_p^\top \hat y_q`, ``(B, M, M)``.
+        (``cache_gram``); ``(B, 0, 0)`` with ``cache_gram=False``.
+      yy_gram: :math:`\hat y_p^\top \hat y_q`, ``(B, M, M)`` (or ``(B, 0, 0)``).
       avg_weights: total EMA weight :math:`1 - \beta^k` held by ``params_avg``,
         ``grads_avg``, ``params_snapshot`` and ``grads_snapshot``, shape
         ``(4,)``; with ``bias_correction`` the pairs are formed from the

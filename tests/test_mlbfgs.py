@@ -313,6 +313,9 @@ def test_state_size_bound():
         assert big == (2 * m + 4) * n
         # Per block: the Gram matrices (2 M^2), rho (M) and 7 scalars; count, 4 weights.
         assert small == 2 * (2 * m * m + m + 7) + 1 + 4
+        # Without the cached Gram matrices: O(M) numbers per block.
+        st = mlbfgs_optax.scale_by_mlbfgs(memory_size=m, cache_gram=False).init(params)
+        assert sum(x.size for x in jax.tree.leaves(st)) - big == 2 * (m + 7) + 1 + 4
     st16 = mlbfgs_optax.scale_by_mlbfgs(history_dtype=jnp.bfloat16).init(params)
     assert st16.s_history["a"].dtype == jnp.bfloat16
 
@@ -456,3 +459,18 @@ def test_bias_correction_makes_pairs_exact_on_quadratics(bias_correction):
         np.testing.assert_allclose(y[stored], np.asarray(a) * s[stored], rtol=1e-3, atol=1e-6)
     else:
         assert not np.allclose(y[stored], np.asarray(a) * s[stored], rtol=1e-2)
+
+
+def test_cache_gram_off_gives_the_same_directions():
+    """cache_gram=False (scan two-loop, O(M) state per block) = the Gram form."""
+    with jax.enable_x64(True):
+        ws, gs = _quadratic_trajectory(steps=40)
+        kw = dict(update_period=2, beta=0.5, memory_size=4, blocks="all")
+        on = mlbfgs_optax.scale_by_mlbfgs(**kw)
+        off = mlbfgs_optax.scale_by_mlbfgs(cache_gram=False, **kw)
+        s_on, s_off = on.init(jnp.asarray(ws[0])), off.init(jnp.asarray(ws[0]))
+        for w, g in zip(ws, gs):
+            d_on, s_on = on.update(jnp.asarray(g), s_on, jnp.asarray(w))
+            d_off, s_off = off.update(jnp.asarray(g), s_off, jnp.asarray(w))
+            np.testing.assert_allclose(d_on, d_off, rtol=1e-9, atol=1e-12)
+        assert int(s_on.num_pairs[0]) == 4 and s_off.sy_gram.shape == (1, 0, 0)
