@@ -83,15 +83,11 @@ class Trainer:
             -(-num_chunks * self.eval_every * task.batch_size // n))])
         order = order[: num_chunks * self.eval_every * task.batch_size].astype(np.int32)
         order = order.reshape(num_chunks, self.eval_every, task.batch_size)
-        hist = {"step": [], "seconds": [], "train_loss": [], "test_loss": [], "test_acc": []}
+        hist = new_history()
 
         def record(step, seconds, train_loss):
-            loss, acc = self._eval(params, self.x_test, self.y_test)
-            hist["step"].append(step)
-            hist["seconds"].append(seconds)
-            hist["train_loss"].append(train_loss)
-            hist["test_loss"].append(float(loss))
-            hist["test_acc"].append(float(acc))
+            record_eval(hist, self._eval(params, self.x_test, self.y_test), step, seconds,
+                        train_loss)
 
         record(0, 0.0, float("nan"))
         seconds, chunk_times, diverged = 0.0, [], False
@@ -109,6 +105,21 @@ class Trainer:
                 diverged = True
                 break
         return summarize(task, hist, chunk_times, self.eval_every, diverged)
+
+
+def new_history() -> dict:
+    """An empty training history: one list per logged quantity."""
+    return {"step": [], "seconds": [], "train_loss": [], "test_loss": [], "test_acc": []}
+
+
+def record_eval(hist: dict, test_loss_acc, step, seconds, train_loss) -> None:
+    """Appends one evaluation (``test_loss_acc`` = (loss, accuracy)) to ``hist``."""
+    loss, acc = test_loss_acc
+    hist["step"].append(step)
+    hist["seconds"].append(seconds)
+    hist["train_loss"].append(train_loss)
+    hist["test_loss"].append(float(loss))
+    hist["test_acc"].append(float(acc))
 
 
 def summarize(task: Task, hist, chunk_times, steps_per_chunk, diverged):

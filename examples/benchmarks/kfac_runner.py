@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from examples.benchmarks.harness import summarize
+from examples.benchmarks.harness import new_history, record_eval, summarize
 from examples.benchmarks.tasks import Task
 
 
@@ -110,15 +110,11 @@ class KfacTrainer:
         t0 = time.perf_counter()
         state = self.optimizer.init(params, key, self._gather(self.x_train, self.y_train,
                                                               jnp.asarray(order[0])))
-        hist = {"step": [], "seconds": [], "train_loss": [], "test_loss": [], "test_acc": []}
+        hist = new_history()
 
         def record(step, seconds, train_loss):
-            loss, acc = self._eval(params, self.x_test, self.y_test)
-            hist["step"].append(step)
-            hist["seconds"].append(seconds)
-            hist["train_loss"].append(train_loss)
-            hist["test_loss"].append(float(loss))
-            hist["test_acc"].append(float(acc))
+            record_eval(hist, self._eval(params, self.x_test, self.y_test), step, seconds,
+                        train_loss)
 
         record(0, 0.0, float("nan"))
         seconds, chunk_times, diverged, step = 0.0, [], False, 0
