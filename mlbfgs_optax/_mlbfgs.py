@@ -270,15 +270,10 @@ def scale_by_mlbfgs(
             return layout.treedef.unflatten(arrays)
         return list(arrays)
 
-    def from_state_tree(layout, tree, what):
+    def from_state_tree(layout, tree):
+        """State field -> list of packed arrays (update_fn has checked the structure)."""
         if layout.slice_size is None:
-            try:
-                return layout.treedef.flatten_up_to(tree)
-            except (ValueError, TypeError) as e:
-                raise ValueError(
-                    f"scale_by_mlbfgs: {what} do not match the optimizer state "
-                    f"(state built for {layout.treedef})."
-                ) from e
+            return layout.treedef.flatten_up_to(tree)
         return list(tree)
 
     def local_rows(layout) -> int:
@@ -301,24 +296,23 @@ def scale_by_mlbfgs(
         rows = local_rows(layout)
         if rows != layout.num_blocks:
             layout = layout.local(rows)
+        if mesh is None:
+            return zeros_state(layout)
+        abstract = jax.eval_shape(lambda: zeros_state(layout))
+        shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec),
+                                 _distributed.state_specs(abstract, axis_name))
+        # Every array is created already sharded: no device ever holds the whole
+        # history.
+        return jax.jit(zeros_state, static_argnums=0, out_shardings=shardings)(layout)
+
+    def zeros_state(layout):
+        """The initial state of the blocks of ``layout``."""
         packed, avg_dt, hist_dt, acc = dtypes_of(layout)
         b = layout.num_blocks
-        shardings = None
-        if mesh is not None:
-            abstract = jax.eval_shape(lambda: _init(layout, packed, avg_dt, hist_dt, acc, b,
-                                                    jnp.zeros))
-            shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec),
-                                     _distributed.state_specs(abstract, axis_name))
-            # Every array is created already sharded: no device ever holds the
-            # whole history.
-            return jax.jit(lambda: _init(layout, packed, avg_dt, hist_dt, acc, b, jnp.zeros),
-                           out_shardings=shardings)()
-        return _init(layout, packed, avg_dt, hist_dt, acc, b, jnp.zeros)
-
-    def _init(layout, packed, avg_dt, hist_dt, acc, b, zeros):
 
         def tree(dts, lead=()):
-            return as_state_tree(layout, [zeros(lead + s, d) for (s, _), d in zip(packed, dts)])
+            zeros = [jnp.zeros(lead + s, d) for (s, _), d in zip(packed, dts)]
+            return as_state_tree(layout, zeros)
 
         return ScaleByMLBFGSState(
             count=jnp.zeros([], jnp.int32),
@@ -343,12 +337,12 @@ def scale_by_mlbfgs(
 
     def form_pair(layout, acc, avg_dt, g, t, st: ScaleByMLBFGSState) -> ScaleByMLBFGSState:
         """Step 2: one damped, guarded pair per block (``t``: the call index)."""
-        m_theta = from_state_tree(layout, st.params_avg, "params")
-        m_grad = from_state_tree(layout, st.grads_avg, "params")
-        snap_theta = from_state_tree(layout, st.params_snapshot, "params")
-        snap_grad = from_state_tree(layout, st.grads_snapshot, "params")
-        s_hist = from_state_tree(layout, st.s_history, "params")
-        y_hist = from_state_tree(layout, st.y_history, "params")
+        m_theta = from_state_tree(layout, st.params_avg)
+        m_grad = from_state_tree(layout, st.grads_avg)
+        snap_theta = from_state_tree(layout, st.params_snapshot)
+        snap_grad = from_state_tree(layout, st.grads_snapshot)
+        s_hist = from_state_tree(layout, st.s_history)
+        y_hist = from_state_tree(layout, st.y_history)
         bc = layout.broadcast
 
         if bias_correction:
@@ -471,7 +465,7 @@ def scale_by_mlbfgs(
         # 1. Averages of the parameters and of the incoming updates. A step with
         # a non-finite update leaves every field as it was.
         def ema(avg_tree, x_list):
-            avg = from_state_tree(layout, avg_tree, "params")
+            avg = from_state_tree(layout, avg_tree)
             return as_state_tree(layout, [
                 jnp.where(finite, beta * a.astype(acc) + (1 - beta) * x.astype(acc), a).astype(d)
                 for a, x, d in zip(avg, x_list, avg_dt)
@@ -497,8 +491,8 @@ def scale_by_mlbfgs(
         history = (
             layout,
             g,
-            from_state_tree(layout, new.s_history, "params"),
-            from_state_tree(layout, new.y_history, "params"),
+            from_state_tree(layout, new.s_history),
+            from_state_tree(layout, new.y_history),
             new.rho,
             new.gamma,
             new.newest,
