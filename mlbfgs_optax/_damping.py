@@ -23,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mlbfgs_optax._numerics import safe_div
+
 
 def damping_weight(
     mu: jax.Array, sigma_low: float, sigma_high: float, tau_max: float
@@ -53,12 +55,6 @@ def damping_weight(
     phi = jnp.where(low, (1.0 - sigma_low) / safe_low, one)
     phi = jnp.where(high, (sigma_high - 1.0) / safe_high, phi)
     return jnp.minimum(phi, tau_max)
-
-
-def safe_div(num: jax.Array, den: jax.Array, default: float = 0.0) -> jax.Array:
-    """``num / den`` where ``den != 0``, else ``default`` (no NaN, no inf)."""
-    ok = den != 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1.0), default)
 
 
 def yy_bound_weight(ss: jax.Array, sy: jax.Array, yy: jax.Array, sigma_yy: float) -> jax.Array:

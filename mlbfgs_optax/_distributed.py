@@ -1,46 +1,219 @@
-"""Placing mL-BFGS state across devices: partition specs and resharding.
+"""Where the blocks live: one placement abstraction for every device layout.
 
-With :class:`~mlbfgs_optax.EqualSlices` blocks the packed arrays have a leading
-block axis (``(K, n_b)``, history ``(M, K, n_b)``, per-block scalars ``(K,)``).
-Sharding that axis over a device axis gives every device ``K / N`` whole
-blocks: it stores only their averages, snapshots and history, and runs their
-two-loop recursions without any cross-device reduction. The direction is then
-assembled by one all-gather (or by none, when the consumer keeps it sharded).
+Every call of the optimizer goes through a :class:`Placement`:
+
+* :class:`Local` -- one device, or a ``jax.jit`` program whose arrays GSPMD
+  places (the default);
+* :class:`OverAxis` -- inside the user's :func:`jax.shard_map` or
+  :func:`jax.pmap`: with :class:`~mlbfgs_optax.EqualSlices` blocks every device
+  keeps the state of, and runs the two-loop recursion for, only its
+  ``K / N`` slices, and one all-gather assembles the direction;
+* :class:`OverMesh` -- a ``jax.jit`` program with a mesh: the state is created
+  sharded over one mesh axis and the blocks run in an internal ``shard_map``.
+
+A placement tells how many blocks this call holds (:meth:`Placement.rows`),
+builds the initial state (:meth:`Placement.init`) and runs the per-block step
+(:meth:`Placement.run`), handing it a :class:`Collectives` whose reductions are
+no-ops where there is no device axis. State partition specs derive from the
+field table in :mod:`mlbfgs_optax._state`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mlbfgs_optax import _blocks
+from mlbfgs_optax import _state
 from mlbfgs_optax._state import ScaleByMLBFGSState
 
-_ROW_FIELDS = ("params_avg", "grads_avg", "params_snapshot", "grads_snapshot")
-_HISTORY_FIELDS = ("s_history", "y_history")
-_BLOCK_FIELDS = ("rho", "gamma", "newest", "num_pairs", "num_skipped", "mu", "mu_damped", "tau",
-                 "sy_gram", "yy_gram")
+
+@dataclasses.dataclass(frozen=True)
+class Collectives:
+    """Reductions over a device axis; identities when ``axis_name`` is None."""
+
+    axis_name: Optional[str] = None
+
+    def psum(self, x: jax.Array) -> jax.Array:
+        return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
+
+    def pmax(self, x: jax.Array) -> jax.Array:
+        return x if self.axis_name is None else jax.lax.pmax(x, self.axis_name)
+
+    def any(self, x: jax.Array) -> jax.Array:
+        """Logical or of a boolean over the axis."""
+        return self.psum(x.astype(jnp.int32)) > 0
 
 
-def state_specs(state: ScaleByMLBFGSState, axis_name: str | None) -> ScaleByMLBFGSState:
+# step(layout, g, theta, state, finite, collectives) -> (direction, new_state),
+# on packed arrays.
+Step = Callable[..., tuple[list, ScaleByMLBFGSState]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Base class: the state lives whole on every device (single device, GSPMD)."""
+
+    def rows(self, layout: _blocks.BlockLayout) -> int:
+        """The number of blocks whose state this call holds."""
+        return layout.num_blocks
+
+    def init(self, layout: _blocks.BlockLayout, zeros: Callable) -> ScaleByMLBFGSState:
+        """The initial state; ``zeros(layout)`` builds it for a layout."""
+        return zeros(layout)
+
+    def run(self, step: Step, layout, g, theta, state, finite):
+        """Runs ``step`` on this call's blocks; returns the packed direction and new state."""
+        return step(layout, g, theta, state, finite, Collectives())
+
+
+@dataclasses.dataclass(frozen=True)
+class Local(Placement):
+    """One device, or GSPMD placing the arrays of a ``jax.jit`` program."""
+
+
+def _bound_axis_size(axis_name: str) -> Optional[int]:
+    """The size of ``axis_name`` inside ``shard_map``/``pmap``; None outside them."""
+    try:
+        return jax.lax.axis_size(axis_name)
+    except NameError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class OverAxis(Placement):
+    """Inside the user's ``shard_map``/``pmap`` over ``axis_name``.
+
+    Only :class:`~mlbfgs_optax.EqualSlices` blocks are shared; with other
+    blocks every device computes every block, with no collective. Outside
+    any ``shard_map``/``pmap`` (e.g. building the global state to shard it) it
+    behaves like :class:`Local`.
+    """
+
+    axis_name: str
+
+    def rows(self, layout):
+        if layout.slice_size is None:
+            return layout.num_blocks
+        n_dev = _bound_axis_size(self.axis_name)
+        if n_dev is None:
+            return layout.num_blocks
+        if layout.num_blocks % n_dev:
+            raise ValueError(
+                f"scale_by_mlbfgs: EqualSlices({layout.num_blocks}) cannot be shared by the "
+                f"{n_dev} devices of axis {self.axis_name!r}; use a multiple of {n_dev} blocks."
+            )
+        return layout.num_blocks // n_dev
+
+    def init(self, layout, zeros):
+        rows = self.rows(layout)
+        return zeros(layout if rows == layout.num_blocks else layout.local(rows))
+
+    def run(self, step, layout, g, theta, state, finite):
+        rows = state.rho.shape[0]
+        if rows == layout.num_blocks:
+            return step(layout, g, theta, state, finite, Collectives())
+        start = jax.lax.axis_index(self.axis_name) * rows
+        own = lambda x: [jax.lax.dynamic_slice_in_dim(x[0], start, rows, 0)]
+        d, new = step(layout.local(rows), own(g), own(theta), state, finite,
+                      Collectives(self.axis_name))
+        d = [jax.lax.all_gather(d[0], self.axis_name, axis=0, tiled=True, to="invarying")]
+        return d, new
+
+
+@dataclasses.dataclass(frozen=True)
+class OverMesh(Placement):
+    """A ``jax.jit`` program: blocks sharded over ``axis_name`` of ``mesh``."""
+
+    mesh: jax.sharding.Mesh
+    axis_name: str
+
+    def init(self, layout, zeros):
+        abstract = jax.eval_shape(lambda: zeros(layout))
+        shardings = jax.tree.map(lambda spec: NamedSharding(self.mesh, spec),
+                                 state_specs(abstract, self.axis_name))
+        # Every array is created already sharded: no device ever holds the whole
+        # history.
+        return jax.jit(zeros, static_argnums=0, out_shardings=shardings)(layout)
+
+    def run(self, step, layout, g, theta, state, finite):
+        k_local = layout.num_blocks // self.mesh.shape[self.axis_name]
+        local = layout.local(k_local)
+        specs = state_specs(state, self.axis_name)
+        rows, whole = PartitionSpec(self.axis_name), PartitionSpec()
+        coll = Collectives(self.axis_name)
+
+        def body(g0, t0, st, fin):
+            d, st = step(local, [g0], [t0], st, fin, coll)
+            return [d[0]], st
+
+        in_specs = (rows, rows, specs, whole)
+        sharded = jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=([rows], specs))
+        d, new = sharded(*constrain((g[0], theta[0], state, finite), in_specs, self.mesh))
+        if layout.shapes != ((layout.num_blocks, layout.slice_size),):
+            # Params are laid out differently: one all-gather of the direction.
+            d = [replicate(d[0], self.mesh)]
+        # Else params are one (num_blocks, block_size) array, sharded like the
+        # blocks (FSDP style): the direction stays sharded, no collective.
+        return d, new
+
+
+def make_placement(axis_name: Optional[str], mesh, blocks) -> Placement:
+    """The placement for ``scale_by_mlbfgs``'s ``axis_name`` and ``mesh`` arguments.
+
+    Raises:
+      ValueError: for a mesh without a valid axis name, or blocks that cannot
+        be sharded over it.
+    """
+    if mesh is None:
+        return Local() if axis_name is None else OverAxis(axis_name)
+    if axis_name is None or axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"scale_by_mlbfgs: axis_name={axis_name!r} is invalid; expected one of the "
+            f"mesh's axes {mesh.axis_names} when mesh is given."
+        )
+    if not isinstance(blocks, _blocks.EqualSlices):
+        raise ValueError(
+            f"scale_by_mlbfgs: blocks={blocks!r} is invalid with mesh; expected "
+            "EqualSlices(num_blocks), whose blocks can be sharded."
+        )
+    n_dev = mesh.shape[axis_name]
+    if blocks.num_blocks % n_dev:
+        raise ValueError(
+            f"scale_by_mlbfgs: blocks=EqualSlices({blocks.num_blocks}) is invalid; expected "
+            f"a number of blocks divisible by the {n_dev} devices of axis {axis_name!r}."
+        )
+    return OverMesh(mesh, axis_name)
+
+
+# Partition specs -----------------------------------------------------------------
+
+
+def state_specs(state: ScaleByMLBFGSState, axis_name: Optional[str]) -> ScaleByMLBFGSState:
     """PartitionSpecs of a :class:`ScaleByMLBFGSState`, block axis on ``axis_name``.
 
-    Only states of :class:`~mlbfgs_optax.EqualSlices` layouts have a block axis;
-    for the other layouts (and ``axis_name=None``) every field is replicated.
+    Read off the field table :data:`mlbfgs_optax._state.FIELDS`: for a sliced
+    state (:func:`mlbfgs_optax._state.is_sliced`) the params-shaped fields shard
+    their block rows, the histories their second axis and the per-block fields
+    their first; scalars, and every field of other layouts, are replicated.
     """
     replicated = jax.tree.map(lambda _: PartitionSpec(), state)
-    sliced = isinstance(state.params_avg, list) and len(state.params_avg) == 1
-    if axis_name is None or not sliced:
+    if axis_name is None or not _state.is_sliced(state):
         return replicated
-    rows = PartitionSpec(axis_name)
-    fields = {f: [rows] for f in _ROW_FIELDS}
-    fields.update({f: [PartitionSpec(None, axis_name)] for f in _HISTORY_FIELDS})
-    fields.update({f: rows for f in _BLOCK_FIELDS})
-    return replicated._replace(**fields)
+    by_kind = {
+        _state.Kind.SCALAR: PartitionSpec(),
+        _state.Kind.PARAMS: [PartitionSpec(axis_name)],
+        _state.Kind.HISTORY: [PartitionSpec(None, axis_name)],
+        _state.Kind.BLOCK: PartitionSpec(axis_name),
+    }
+    return ScaleByMLBFGSState(**{f: by_kind[k] for f, k in _state.FIELDS.items()})
 
 
-def state_partition_specs(opt_state: Any, axis_name: str | None) -> Any:
+def state_partition_specs(opt_state: Any, axis_name: Optional[str]) -> Any:
     """PartitionSpecs for a whole optax state: mL-BFGS block axes on ``axis_name``.
 
     Every :class:`ScaleByMLBFGSState` inside ``opt_state`` (e.g. the state of
@@ -71,10 +244,8 @@ def state_partition_specs(opt_state: Any, axis_name: str | None) -> Any:
     return jax.tree.map(spec, opt_state, is_leaf=is_state)
 
 
-def _explicit(mesh, axis_name=None) -> bool:
-    names = mesh.axis_names if axis_name is None else (axis_name,)
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    return any(types[n] == jax.sharding.AxisType.Explicit for n in names)
+def _explicit(mesh) -> bool:
+    return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
 
 
 def constrain(tree: Any, specs: Any, mesh) -> Any:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+
+from mlbfgs_optax import _numerics
 
 
 class ScaleByMLBFGSState(NamedTuple):
@@ -66,3 +70,128 @@ class ScaleByMLBFGSState(NamedTuple):
     sy_gram: jax.Array
     yy_gram: jax.Array
     avg_weights: jax.Array
+
+
+class Kind(enum.Enum):
+    """How a state field is laid out; the one table below says it per field."""
+
+    SCALAR = "scalar"  # one value for the whole optimizer (replicated)
+    PARAMS = "params"  # mirrors the params, packed by the block layout
+    HISTORY = "history"  # mirrors the params with a leading memory axis (M, ...)
+    BLOCK = "block"  # a leading block axis (B, ...)
+
+
+#: Every field of :class:`ScaleByMLBFGSState`, in order, with its :class:`Kind`.
+#: ``zeros_state``, the partition specs and the structure checks all read it.
+FIELDS: dict[str, Kind] = {
+    "count": Kind.SCALAR,
+    "params_avg": Kind.PARAMS,
+    "grads_avg": Kind.PARAMS,
+    "params_snapshot": Kind.PARAMS,
+    "grads_snapshot": Kind.PARAMS,
+    "s_history": Kind.HISTORY,
+    "y_history": Kind.HISTORY,
+    "rho": Kind.BLOCK,
+    "gamma": Kind.BLOCK,
+    "newest": Kind.BLOCK,
+    "num_pairs": Kind.BLOCK,
+    "num_skipped": Kind.BLOCK,
+    "mu": Kind.BLOCK,
+    "mu_damped": Kind.BLOCK,
+    "tau": Kind.BLOCK,
+    "sy_gram": Kind.BLOCK,
+    "yy_gram": Kind.BLOCK,
+    "avg_weights": Kind.SCALAR,
+}
+assert tuple(FIELDS) == ScaleByMLBFGSState._fields
+
+
+def fields_of(kind: Kind) -> tuple[str, ...]:
+    """The names of the fields of one :class:`Kind`, in state order."""
+    return tuple(name for name, k in FIELDS.items() if k is kind)
+
+
+class Dtypes(NamedTuple):
+    """The dtypes of a state, per packed array.
+
+    Attributes:
+      averages: dtype of every packed average and snapshot array.
+      history: dtype of every packed history array.
+      acc: the accumulation dtype of dot products and per-block scalars.
+    """
+
+    averages: tuple
+    history: tuple
+    acc: Any
+
+
+def dtypes(layout, history_dtype=None, averages_dtype=None) -> Dtypes:
+    """The state's dtypes for ``layout``: the parameter dtype promoted to >= float32 by default."""
+    packed = [d for _, d in layout.packed_shapes()]
+    return Dtypes(
+        averages=tuple(averages_dtype or _numerics.accumulation_dtype(d) for d in packed),
+        history=tuple(history_dtype or _numerics.accumulation_dtype(d) for d in packed),
+        acc=_numerics.accumulation_dtype(*packed),
+    )
+
+
+def to_tree(layout, arrays: list) -> Any:
+    """Packed arrays -> the value of a params-shaped state field.
+
+    For ``"leaf"``, ``"all"`` and label layouts the field has the params'
+    structure; for :class:`~mlbfgs_optax.EqualSlices`, a one-element list.
+    """
+    if layout.slice_size is None:
+        return layout.treedef.unflatten(arrays)
+    return list(arrays)
+
+
+def from_tree(layout, tree: Any) -> list:
+    """A params-shaped state field -> its packed arrays (inverse of :func:`to_tree`)."""
+    if layout.slice_size is None:
+        return layout.treedef.flatten_up_to(tree)
+    return list(tree)
+
+
+def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes) -> ScaleByMLBFGSState:
+    """The initial state of the blocks of ``layout`` (all arrays distinct buffers)."""
+    packed = [s for s, _ in layout.packed_shapes()]
+    b, m = layout.num_blocks, memory_size
+    gram = (b, m, m) if cache_gram else (b, 0, 0)
+
+    def params(dts, lead=()):
+        return to_tree(layout, [jnp.zeros(lead + s, d) for s, d in zip(packed, dts)])
+
+    return ScaleByMLBFGSState(
+        count=jnp.zeros([], jnp.int32),
+        params_avg=params(dt.averages),
+        grads_avg=params(dt.averages),
+        params_snapshot=params(dt.averages),
+        grads_snapshot=params(dt.averages),
+        s_history=params(dt.history, (m,)),
+        y_history=params(dt.history, (m,)),
+        rho=jnp.zeros((b, m), dt.acc),
+        gamma=jnp.ones((b,), dt.acc),
+        newest=jnp.full((b,), m - 1, jnp.int32),
+        num_pairs=jnp.zeros((b,), jnp.int32),
+        num_skipped=jnp.zeros((b,), jnp.int32),
+        mu=jnp.zeros((b,), dt.acc),
+        mu_damped=jnp.zeros((b,), dt.acc),
+        tau=jnp.ones((b,), dt.acc),
+        sy_gram=jnp.zeros(gram, dt.acc),
+        yy_gram=jnp.zeros(gram, dt.acc),
+        avg_weights=jnp.zeros((4,), dt.acc),
+    )
+
+
+def is_sliced(state: ScaleByMLBFGSState) -> bool:
+    """Whether ``state`` belongs to an :class:`~mlbfgs_optax.EqualSlices` layout with >1 block.
+
+    Exact, from an invariant of the layouts rather than from array shapes: a
+    ``"leaf"``, ``"all"`` or label layout has at most one block per parameter
+    leaf, so only ``EqualSlices(K)`` with ``K >= 2`` gives more blocks than the
+    params-shaped fields have leaves (its fields hold one ``(K, n_b)`` array).
+    ``EqualSlices(1)`` has a single block, which no device axis of size > 1 can
+    split, so it is treated like the others.
+    """
+    return int(state.rho.shape[0]) > len(jax.tree.leaves(state.params_avg))

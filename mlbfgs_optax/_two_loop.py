@@ -23,11 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mlbfgs_optax import _blocks
-
-
-def accumulation_dtype(*dtypes) -> jnp.dtype:
-    """The dtype dot products accumulate in: at least float32."""
-    return jnp.dtype(jnp.result_type(jnp.float32, *dtypes))
+from mlbfgs_optax._numerics import accumulation_dtype, power_of_two_near
 
 
 def _rescaled(layout, updates, acc):
@@ -37,8 +33,7 @@ def _rescaled(layout, updates, acc):
     multiplying back by ``c`` (exact: a power of two) keeps every dot product
     finite for huge but finite gradients.
     """
-    scale = layout.block_max_abs(updates, acc)
-    scale = jnp.where(jnp.isfinite(scale) & (scale > 0), jnp.exp2(jnp.round(jnp.log2(scale))), 1.0)
+    scale = power_of_two_near(layout.block_max_abs(updates, acc))
     inv = 1.0 / scale
     return [u.astype(acc) * layout.broadcast(inv, j, u.ndim) for j, u in enumerate(updates)], scale
 

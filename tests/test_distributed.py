@@ -233,3 +233,15 @@ def test_fsdp_style_params_need_no_collective():
         assert len(collectives) == 1 and "pred[] all-reduce(" in collectives[0], collectives
         assert p.sharding.spec == P("data", None) or p.sharding.spec == P("data")
         _assert_same(p, p_ref)
+
+
+def test_partition_specs_of_single_leaf_list_params_are_replicated():
+    """Regression: blocks='leaf' with params=[w] once sharded rho, and device_put failed."""
+    mesh = jax.make_mesh((N_DEV,), ("data",))
+    params = [jnp.ones((N_DEV, 5))]
+    opt = mlbfgs_optax.mlbfgs(0.1, axis_name="data")
+    state = opt.init(params)
+    specs = mlbfgs_optax.state_partition_specs(state, "data")
+    assert all(s == P() for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
+    placed = jax.device_put(state, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+    assert placed[0].rho.shape == (1, 10)

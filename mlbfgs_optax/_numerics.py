@@ -1,0 +1,48 @@
+"""Numerical helpers shared by the pair formation and the two-loop recursion."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def accumulation_dtype(*dtypes) -> jnp.dtype:
+    """The dtype dot products accumulate in: at least float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mlbfgs_optax._numerics import accumulation_dtype
+      >>> accumulation_dtype(jnp.bfloat16)
+      dtype('float32')
+    """
+    return jnp.dtype(jnp.result_type(jnp.float32, *dtypes))
+
+
+def safe_div(num: jax.Array, den: jax.Array, default: float = 0.0) -> jax.Array:
+    """``num / den`` where ``den != 0``, else ``default`` (no NaN, no inf).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mlbfgs_optax._numerics import safe_div
+      >>> safe_div(jnp.array([1.0, 1.0]), jnp.array([2.0, 0.0]))
+      Array([0.5, 0. ], dtype=float32)
+    """
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), default)
+
+
+def power_of_two_near(x: jax.Array) -> jax.Array:
+    r"""The power of two nearest to ``x > 0``, elementwise; 1 where ``x`` is 0 or not finite.
+
+    Dividing a vector by this before dot products (and multiplying back after)
+    keeps them finite for huge but finite inputs. (``exp2`` is not exact for
+    large exponents on every backend, so the factor is a power of two only to
+    within a few ulps; every use divides and multiplies by the same value.)
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mlbfgs_optax._numerics import power_of_two_near
+      >>> power_of_two_near(jnp.array([3.0, 0.0, jnp.inf, 0.2]))
+      Array([4.  , 1.  , 1.  , 0.25], dtype=float32)
+    """
+    return jnp.where(jnp.isfinite(x) & (x > 0), jnp.exp2(jnp.round(jnp.log2(x))), 1.0)

@@ -1,0 +1,196 @@
+"""The hyperparameters of mL-BFGS: validated once, split into static and numeric.
+
+One rule decides what is static. A hyperparameter is **static** when it fixes a
+shape, a dtype, the tree structure or a code path: ``memory_size``, ``blocks``,
+the flags, the dtypes and the device placement. Those live in the frozen,
+hashable :class:`Options`. Every **numeric** hyperparameter (``beta``, the
+damping bounds, ``update_period``, ...) lives in :class:`Hyperparams`, a pytree
+whose leaves may be traced, e.g. under :func:`optax.inject_hyperparams`. A
+numeric value that switches work off (``pair_momentum=0``, ``sigma_yy=inf``)
+does so only when it is a concrete number (:func:`is_number`); a traced value
+always takes the general path, which computes the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, NamedTuple, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from mlbfgs_optax import _distributed
+
+
+def is_number(x) -> bool:
+    """A concrete real scalar (Python or NumPy), not a bool and not a jax value."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def check(name: str, value: Any, ok, expected: str, where: str = "scale_by_mlbfgs") -> None:
+    """Raises a ValueError naming the argument when a concrete ``value`` fails ``ok``."""
+    if is_number(value) and (math.isnan(value) or not ok(float(value))):
+        raise ValueError(f"{where}: {name}={value!r} is invalid; expected {expected}.")
+
+
+def _dtype(name: str, dtype) -> Optional[jnp.dtype]:
+    if dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(
+            f"scale_by_mlbfgs: {name}={dtype!r} is invalid; expected a floating dtype."
+        ) from e
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(
+            f"scale_by_mlbfgs: {name}={dtype!r} is invalid; expected a floating dtype "
+            "(e.g. jnp.float32 or jnp.bfloat16)."
+        )
+    return dt
+
+
+class Hyperparams(NamedTuple):
+    r"""The numeric hyperparameters: a pytree, any leaf may be traced.
+
+    Attributes:
+      update_period: :math:`T`.
+      beta: :math:`\beta`.
+      sigma_low: :math:`\sigma_L`.
+      sigma_high: :math:`\sigma_H`.
+      tau_max: :math:`\tau_0`.
+      pair_momentum: :math:`m_2`.
+      sigma_yy: :math:`\sigma_{yy}` (resolved: never None).
+      curvature_eps: :math:`\epsilon` of the guard, or None for the machine
+        epsilon of the accumulation dtype.
+    """
+
+    update_period: Any
+    beta: Any
+    sigma_low: Any
+    sigma_high: Any
+    tau_max: Any
+    pair_momentum: Any
+    sigma_yy: Any
+    curvature_eps: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The static hyperparameters (hashable: a static argument of ``jax.jit``).
+
+    Attributes:
+      memory_size: :math:`M`, pairs kept per block.
+      blocks: the user's block spec. Not part of the hash or equality: its whole
+        effect is the :class:`~mlbfgs_optax.BlockLayout` built from it, which is a
+        static argument of its own.
+      refresh_grad_average: reset the gradient average after each pair step.
+      normalize: divide the direction by its global norm once a pair exists.
+      cache_gram: keep the Gram matrices and run the Gram-form two-loop.
+      bias_correction: form pairs from bias-corrected averages.
+      history_dtype: dtype of the stored pairs, or None (parameter dtype, at
+        least float32).
+      averages_dtype: dtype of the averages and snapshots, or None.
+      pair_momentum_off: ``pair_momentum`` is a concrete 0 (skip its work).
+      yy_bound_off: ``sigma_yy`` is a concrete inf (skip its work).
+      placement: where the blocks live (:mod:`mlbfgs_optax._distributed`).
+    """
+
+    memory_size: int
+    blocks: Any = dataclasses.field(compare=False, hash=False)
+    refresh_grad_average: bool
+    normalize: bool
+    cache_gram: bool
+    bias_correction: bool
+    history_dtype: Optional[jnp.dtype]
+    averages_dtype: Optional[jnp.dtype]
+    pair_momentum_off: bool
+    yy_bound_off: bool
+    placement: _distributed.Placement
+
+
+def make_options(
+    *,
+    memory_size,
+    update_period,
+    beta,
+    sigma_low,
+    sigma_high,
+    tau_max,
+    pair_momentum,
+    refresh_grad_average,
+    normalize,
+    blocks,
+    sigma_yy,
+    cache_gram,
+    bias_correction,
+    history_dtype,
+    averages_dtype,
+    curvature_eps,
+    axis_name,
+    mesh,
+) -> tuple[Options, Hyperparams]:
+    """Validates every argument of ``scale_by_mlbfgs`` and splits them.
+
+    Returns:
+      ``(options, hyperparams)``.
+
+    Raises:
+      ValueError: naming the first invalid argument, its value and what is
+        accepted.
+    """
+    if not isinstance(memory_size, (int, np.integer)) or isinstance(memory_size, bool) or (
+        memory_size < 1
+    ):
+        raise ValueError(
+            f"scale_by_mlbfgs: memory_size={memory_size!r} is invalid; expected an int >= 1 "
+            "(pass it in static_args of optax.inject_hyperparams)."
+        )
+    check("update_period", update_period,
+          lambda t: math.isfinite(t) and t == int(t) and t >= 1, "an int >= 1")
+    check("beta", beta, lambda b: 0.0 <= b < 1.0, "a float in [0, 1)")
+    check("sigma_low", sigma_low, lambda v: v < 1.0, "sigma_low < 1 (or -inf: no lower bound)")
+    check("sigma_high", sigma_high, lambda v: v > 1.0, "sigma_high > 1 (or inf: no upper bound)")
+    if sigma_yy is not None:
+        check("sigma_yy", sigma_yy, lambda v: v >= 1.0,
+              "sigma_yy >= 1 (or inf: no bound on y^T y / s^T y)")
+    check("tau_max", tau_max, lambda v: 0.0 < v <= 1.0, "a float in (0, 1]")
+    check("pair_momentum", pair_momentum, lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
+    if curvature_eps is not None:
+        check("curvature_eps", curvature_eps, lambda e: e >= 0.0 and math.isfinite(e),
+              "a finite float >= 0")
+    if isinstance(blocks, str) and blocks not in ("leaf", "all"):
+        raise ValueError(
+            f"scale_by_mlbfgs: blocks={blocks!r} is invalid; expected 'leaf', 'all', an "
+            "EqualSlices, a label pytree or a callable params -> labels."
+        )
+    placement = _distributed.make_placement(axis_name, mesh, blocks)
+    if sigma_yy is None:
+        sigma_yy = 10.0 * sigma_high if is_number(sigma_high) else math.inf
+    options = Options(
+        memory_size=int(memory_size),
+        blocks=blocks,
+        refresh_grad_average=bool(refresh_grad_average),
+        normalize=bool(normalize),
+        cache_gram=bool(cache_gram),
+        bias_correction=bool(bias_correction),
+        history_dtype=_dtype("history_dtype", history_dtype),
+        averages_dtype=_dtype("averages_dtype", averages_dtype),
+        pair_momentum_off=is_number(pair_momentum) and pair_momentum == 0,
+        yy_bound_off=is_number(sigma_yy) and math.isinf(sigma_yy),
+        placement=placement,
+    )
+    hyper = Hyperparams(
+        update_period=update_period,
+        beta=beta,
+        sigma_low=sigma_low,
+        sigma_high=sigma_high,
+        tau_max=tau_max,
+        pair_momentum=pair_momentum,
+        sigma_yy=sigma_yy,
+        curvature_eps=curvature_eps,
+    )
+    return options, hyper
+

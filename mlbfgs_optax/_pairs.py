@@ -1,0 +1,244 @@
+r"""Pair formation, step by step: candidate, damping, acceptance, storage.
+
+Every :math:`T`-th call mL-BFGS forms one curvature pair per block from the
+change of the momentum averages since the last such call (Niu et al., 2023,
+https://arxiv.org/abs/2307.13744):
+
+.. math::
+  s = M^\theta - M^\theta_{\rm snap}, \quad y = M^g - M^g_{\rm snap}
+  \;\xrightarrow{\text{pair momentum}}\;
+  \hat y = \tau y + (1-\tau) s
+  \;\xrightarrow{\text{guard}}\; \text{ring buffer}.
+
+Each step is a pure function of packed arrays (lists with one array per
+segment of a :class:`~mlbfgs_optax.BlockLayout`) and per-block vectors of
+length ``B``; :func:`form_pair` composes them on a state.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mlbfgs_optax import _damping
+from mlbfgs_optax import _numerics
+from mlbfgs_optax import _state
+from mlbfgs_optax._options import Hyperparams, Options
+from mlbfgs_optax._state import ScaleByMLBFGSState
+
+
+def candidate(layout, st: ScaleByMLBFGSState, bias_correction: bool, acc):
+    r"""The raw pair :math:`s = M^\theta - M^\theta_{\rm snap}`, :math:`y = M^g - M^g_{\rm snap}`.
+
+    With ``bias_correction`` every average is first divided by its EMA weight
+    :math:`1 - \beta^k` (``st.avg_weights``).
+
+    Returns:
+      ``(s, y)``, packed, in ``acc``.
+    """
+    if bias_correction:
+        w = st.avg_weights.astype(acc)
+        c_theta, c_grad, c_snap_theta, c_snap_grad = (
+            _numerics.safe_div(1.0, w[i]) for i in range(4))
+    else:
+        c_theta = c_grad = c_snap_theta = c_snap_grad = 1.0
+    fields = lambda tree: _state.from_tree(layout, tree)
+    s = [c_theta * a.astype(acc) - c_snap_theta * b.astype(acc)
+         for a, b in zip(fields(st.params_avg), fields(st.params_snapshot))]
+    y = [c_grad * a.astype(acc) - c_snap_grad * b.astype(acc)
+         for a, b in zip(fields(st.grads_avg), fields(st.grads_snapshot))]
+    return s, y
+
+
+def with_pair_momentum(layout, s, y, s_hist, y_hist, newest, num_pairs, pair_momentum, acc):
+    r""":math:`s \leftarrow (1-m_2)s + m_2 s_{\rm prev}`, same for :math:`y`, per block.
+
+    :math:`(s_{\rm prev}, \hat y_{\rm prev})` is the newest stored pair; a block
+    with an empty history keeps its raw pair.
+    """
+    m2 = jnp.where(num_pairs > 0, jnp.asarray(pair_momentum, acc), 0.0).astype(acc)
+    bc = layout.broadcast
+
+    def mix(vs, hist):
+        prev = [layout.gather_slot(h, newest, j) for j, h in enumerate(hist)]
+        return [(1 - bc(m2, j, x.ndim)) * x + bc(m2, j, x.ndim) * p.astype(acc)
+                for j, (x, p) in enumerate(zip(vs, prev))]
+
+    return mix(s, s_hist), mix(y, y_hist)
+
+
+class Damped(NamedTuple):
+    r"""A damped candidate.
+
+    Attributes:
+      y_hat: :math:`\hat y = \tau y + (1-\tau) s`, packed.
+      mu: :math:`s^\top y / s^\top s` before damping, ``(B,)``.
+      tau: the weight :math:`\tau` on :math:`y`, ``(B,)``.
+    """
+
+    y_hat: list
+    mu: jax.Array
+    tau: jax.Array
+
+
+def damp(layout, s, y, h: Hyperparams, yy_bound: bool, acc) -> Damped:
+    r"""Powell-style damping: :math:`s^\top\hat y / s^\top s \in [\sigma_L, \sigma_H]`.
+
+    :math:`\tau` is :func:`~mlbfgs_optax.damping_weight` of
+    :math:`\mu = s^\top y / s^\top s`, lowered by
+    :func:`~mlbfgs_optax.yy_bound_weight` when ``yy_bound``. The weights are
+    invariant to a common scale of :math:`(s, y)`, so the dot products are
+    taken of :math:`(s, y)/c` with :math:`c` a power of two near
+    :math:`\max(|s|, |y|)`: they cannot overflow.
+    """
+    bc = layout.broadcast
+    c = jnp.maximum(layout.block_max_abs(s, acc), layout.block_max_abs(y, acc))
+    c = 1.0 / _numerics.power_of_two_near(c)
+    s_c = [x * bc(c, j, x.ndim) for j, x in enumerate(s)]
+    y_c = [x * bc(c, j, x.ndim) for j, x in enumerate(y)]
+    ss = layout.block_dot(s_c, s_c, acc)
+    sy = layout.block_dot(s_c, y_c, acc)
+    mu = _numerics.safe_div(sy, ss)
+    tau = _damping.damping_weight(mu, h.sigma_low, h.sigma_high, h.tau_max).astype(acc)
+    if yy_bound:
+        yy = layout.block_dot(y_c, y_c, acc)
+        tau = jnp.minimum(tau, _damping.yy_bound_weight(ss, sy, yy, h.sigma_yy).astype(acc))
+    y_hat = [bc(tau, j, x.ndim) * x + (1 - bc(tau, j, x.ndim)) * z
+             for j, (x, z) in enumerate(zip(y, s))]
+    return Damped(y_hat, mu, tau)
+
+
+class Products(NamedTuple):
+    r"""Inner products of the pair as it will be stored (history dtype).
+
+    Attributes:
+      ss: :math:`s^\top s`, ``(B,)``.
+      sy: :math:`s^\top \hat y`, ``(B,)``.
+      yy: :math:`\hat y^\top \hat y`, ``(B,)``.
+      row_sy: :math:`s_{\rm new}^\top \hat y_q` for every slot :math:`q`,
+        ``(B, M)`` (the slot the pair replaces holds its own product), or None
+        without cached Gram matrices.
+      col_sy: :math:`s_q^\top \hat y_{\rm new}`, ``(B, M)``, or None.
+      row_yy: :math:`\hat y_q^\top \hat y_{\rm new}`, ``(B, M)``, or None.
+      finite: every product is finite, ``(B,)``.
+    """
+
+    ss: jax.Array
+    sy: jax.Array
+    yy: jax.Array
+    row_sy: jax.Array | None
+    col_sy: jax.Array | None
+    row_yy: jax.Array | None
+    finite: jax.Array
+
+
+def products(layout, s, y_hat, s_hist, y_hist, slot, cache_gram: bool, acc) -> Products:
+    """The pair's inner products, and with ``cache_gram`` its Gram rows against the history."""
+    ss = layout.block_dot(s, s, acc)
+    sy = layout.block_dot(s, y_hat, acc)
+    yy = layout.block_dot(y_hat, y_hat, acc)
+    finite = jnp.isfinite(ss) & jnp.isfinite(sy) & jnp.isfinite(yy)
+    if not cache_gram:
+        return Products(ss, sy, yy, None, None, None, finite)
+    blocks_idx = jnp.arange(layout.num_blocks)
+    at_slot = lambda v, own: v.at[blocks_idx, slot].set(own)
+    row_sy = at_slot(layout.block_dot_history(y_hist, s, acc), sy)
+    col_sy = at_slot(layout.block_dot_history(s_hist, y_hat, acc), sy)
+    row_yy = at_slot(layout.block_dot_history(y_hist, y_hat, acc), yy)
+    finite &= jnp.all(jnp.isfinite(row_sy) & jnp.isfinite(col_sy) & jnp.isfinite(row_yy), axis=1)
+    return Products(ss, sy, yy, row_sy, col_sy, row_yy, finite)
+
+
+def accept(p: Products, has_snapshot, curvature_eps, acc) -> jax.Array:
+    r"""The guard: store a pair only if finite with :math:`s^\top\hat y > \epsilon s^\top s`.
+
+    Also :math:`\hat y \ne 0`, and :math:`\rho = 1/s^\top\hat y` must be a
+    normal number (a flushed :math:`\rho` would read as an empty slot while the
+    pair is counted). ``curvature_eps`` None means the machine epsilon of
+    ``acc``.
+    """
+    eps = jnp.finfo(acc).eps if curvature_eps is None else curvature_eps
+    rho_ok = p.sy < 1.0 / jnp.finfo(acc).tiny
+    return has_snapshot & p.finite & (p.sy > eps * p.ss) & (p.yy > 0) & rho_ok
+
+
+def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok) -> ScaleByMLBFGSState:
+    r"""Writes the pair into ring-buffer ``slot`` of every block where ``ok``.
+
+    Updates the histories, :math:`\rho`, :math:`\gamma = s^\top\hat y/\hat y^\top\hat y`,
+    the Gram matrices (when cached), the newest slot and the pair count.
+    """
+    s_hist = _state.from_tree(layout, st.s_history)
+    y_hist = _state.from_tree(layout, st.y_history)
+    s_hist = [layout.scatter_slot(h, v, slot, ok, j) for j, (h, v) in enumerate(zip(s_hist, s))]
+    y_hist = [layout.scatter_slot(h, v, slot, ok, j)
+              for j, (h, v) in enumerate(zip(y_hist, y_hat))]
+    blocks_idx = jnp.arange(layout.num_blocks)
+    old_rho = st.rho[blocks_idx, slot]
+    rho = st.rho.at[blocks_idx, slot].set(jnp.where(ok, _numerics.safe_div(1.0, p.sy), old_rho))
+
+    def set_cross(gram, row, col):
+        new = gram.at[blocks_idx, slot, :].set(row).at[blocks_idx, :, slot].set(col)
+        return jnp.where(ok[:, None, None], new, gram)
+
+    sy_gram, yy_gram = st.sy_gram, st.yy_gram
+    if p.row_sy is not None:
+        sy_gram = set_cross(sy_gram, p.row_sy, p.col_sy)
+        yy_gram = set_cross(yy_gram, p.row_yy, p.row_yy)
+    return st._replace(
+        s_history=_state.to_tree(layout, s_hist),
+        y_history=_state.to_tree(layout, y_hist),
+        rho=rho,
+        gamma=jnp.where(ok, _numerics.safe_div(p.sy, p.yy, 1.0), st.gamma),
+        sy_gram=sy_gram,
+        yy_gram=yy_gram,
+        newest=jnp.where(ok, slot, st.newest),
+        num_pairs=jnp.where(ok, jnp.minimum(st.num_pairs + 1, st.rho.shape[1]), st.num_pairs),
+    )
+
+
+def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
+              st: ScaleByMLBFGSState) -> ScaleByMLBFGSState:
+    """One damped, guarded pair per block, then the snapshot (``t``: the call index).
+
+    ``st`` already holds this call's averages; ``g`` is the packed incoming
+    update (for the gradient-average refresh).
+    """
+    acc = dt.acc
+    s_hist = _state.from_tree(layout, st.s_history)
+    y_hist = _state.from_tree(layout, st.y_history)
+    s, y = candidate(layout, st, opts.bias_correction, acc)
+    if not opts.pair_momentum_off:
+        s, y = with_pair_momentum(layout, s, y, s_hist, y_hist, st.newest, st.num_pairs,
+                                  h.pair_momentum, acc)
+    damped = damp(layout, s, y, h, not opts.yy_bound_off, acc)
+    # The pair as it will be stored, in the history dtype.
+    s_st = [x.astype(d) for x, d in zip(s, dt.history)]
+    y_st = [x.astype(d) for x, d in zip(damped.y_hat, dt.history)]
+    slot = (st.newest + 1) % opts.memory_size
+    prod = products(layout, s_st, y_st, s_hist, y_hist, slot, opts.cache_gram, acc)
+    has_snapshot = t >= h.update_period
+    ok = accept(prod, has_snapshot, h.curvature_eps, acc)
+    new = store(layout, st, s_st, y_st, prod, slot, ok)
+
+    weights = st.avg_weights.at[2:].set(st.avg_weights[:2])  # snapshot weights
+    grads_avg = st.grads_avg
+    if opts.refresh_grad_average:
+        weights = weights.at[1].set(1 - h.beta)
+        grads_avg = _state.to_tree(layout, [
+            ((1 - h.beta) * x.astype(acc)).astype(d) for x, d in zip(g, dt.averages)])
+    # Diagnostics describe the last candidate whose numbers were finite.
+    stats_ok = has_snapshot & prod.finite & jnp.isfinite(damped.mu) & jnp.isfinite(damped.tau)
+    keep = lambda new_value, old: jnp.where(stats_ok, new_value, old)
+    return new._replace(
+        grads_avg=grads_avg,
+        avg_weights=weights,
+        params_snapshot=st.params_avg,
+        grads_snapshot=st.grads_avg,
+        num_skipped=st.num_skipped + (has_snapshot & ~ok).astype(jnp.int32),
+        mu=keep(damped.mu, st.mu),
+        mu_damped=keep(_numerics.safe_div(prod.sy, prod.ss), st.mu_damped),
+        tau=keep(damped.tau, st.tau),
+    )

@@ -1,0 +1,175 @@
+r"""Init and update of mL-BFGS as pure functions of (options, hyperparameters, arrays).
+
+One update, per block :math:`b` (Niu et al., 2023, https://arxiv.org/abs/2307.13744):
+
+1. averages :math:`M^\theta \leftarrow \beta M^\theta + (1-\beta)\theta_t`,
+   :math:`M^g \leftarrow \beta M^g + (1-\beta) g_t`;
+2. every :math:`T`-th call, a curvature pair (:func:`mlbfgs_optax._pairs.form_pair`),
+   inside the only ``lax.cond`` of the step;
+3. the direction :math:`d_b = H_b g_b` by the two-loop recursion;
+4. optionally, :math:`d` divided by its global norm once any pair exists.
+
+A step whose incoming updates are not all finite leaves the state untouched and
+passes the updates through.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mlbfgs_optax import _blocks
+from mlbfgs_optax import _pairs
+from mlbfgs_optax import _state
+from mlbfgs_optax import _two_loop
+from mlbfgs_optax._distributed import Collectives
+from mlbfgs_optax._options import Hyperparams, Options, is_number
+from mlbfgs_optax._state import ScaleByMLBFGSState
+
+
+def state_dtypes(opts: Options, layout) -> _state.Dtypes:
+    return _state.dtypes(layout, opts.history_dtype, opts.averages_dtype)
+
+
+def init(opts: Options, params: Any) -> ScaleByMLBFGSState:
+    """The initial state for ``params`` (arrays or ``jax.ShapeDtypeStruct``)."""
+    layout = _blocks.make_layout(params, opts.blocks)
+    zeros = lambda lay: _state.zeros_state(lay, opts.memory_size, opts.cache_gram,
+                                           state_dtypes(opts, lay))
+    return opts.placement.init(layout, zeros)
+
+
+def averages(layout, state: ScaleByMLBFGSState, g, theta, beta, finite, dt) -> ScaleByMLBFGSState:
+    """Step 1: the EMAs of the params and updates, their weights and the count."""
+
+    def ema(avg_tree, xs):
+        avg = _state.from_tree(layout, avg_tree)
+        return _state.to_tree(layout, [
+            jnp.where(finite, beta * a.astype(dt.acc) + (1 - beta) * x.astype(dt.acc), a).astype(d)
+            for a, x, d in zip(avg, xs, dt.averages)
+        ])
+
+    w = state.avg_weights
+    return state._replace(
+        avg_weights=w.at[:2].set(jnp.where(finite, beta * w[:2] + (1 - beta), w[:2])),
+        count=jnp.where(finite, optax.safe_increment(state.count), state.count),
+        params_avg=ema(state.params_avg, theta),
+        grads_avg=ema(state.grads_avg, g),
+    )
+
+
+def direction(layout, g, st: ScaleByMLBFGSState, cache_gram: bool) -> list:
+    """Step 3: :math:`d_b = H_b g_b` for every block (packed, accumulation dtype)."""
+    history = (layout, g, _state.from_tree(layout, st.s_history),
+               _state.from_tree(layout, st.y_history), st.rho, st.gamma, st.newest)
+    if cache_gram:
+        return _two_loop.blockwise_two_loop_gram(*history, st.sy_gram, st.yy_gram)
+    return _two_loop.blockwise_two_loop(*history)
+
+
+def normalized(d: list, any_pair: jax.Array, coll: Collectives) -> list:
+    r"""Step 4: :math:`d / \sqrt{\sum_b \|d_b\|^2}` once ``any_pair`` (over every device).
+
+    The norm is taken of :math:`d / \max|d|`, so it cannot overflow.
+    """
+    big = coll.pmax(functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0) for x in d]))
+    any_pair = coll.any(any_pair)
+    big = jnp.where(jnp.isfinite(big) & (big > 0), big, 1.0)
+    norm = big * jnp.sqrt(coll.psum(sum(jnp.sum(jnp.square(x / big)) for x in d)))
+    scale = jnp.where(any_pair & (norm > 0), 1.0 / jnp.where(norm > 0, norm, 1.0), 1.0)
+    return [x * scale for x in d]
+
+
+def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
+               coll: Collectives):
+    """Steps 1-4 on the blocks of ``layout`` (this device's share, when sharded).
+
+    ``g`` and ``theta`` are packed like ``layout``; ``coll`` reduces over the
+    devices that share the blocks (identities on one device).
+    """
+    dt = state_dtypes(opts, layout)
+    new = averages(layout, state, g, theta, h.beta, finite, dt)
+    is_pair_step = finite & ((state.count + 1) % h.update_period == 0)
+    new = jax.lax.cond(
+        is_pair_step,
+        lambda st: _pairs.form_pair(layout, opts, h, dt, g, state.count, st),
+        lambda st: st,
+        new,
+    )
+    d = direction(layout, g, new, opts.cache_gram)
+    if opts.normalize:
+        d = normalized(d, jnp.any(new.num_pairs > 0), coll)
+    return d, new
+
+
+def _step(opts: Options, layout, h: Hyperparams, updates, state, params):
+    """A validated update: pack, run the placement's step, unpack."""
+    g_leaves = layout.treedef.flatten_up_to(updates)
+    g = layout.pack(updates)
+    theta = layout.pack(params)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in g]))
+    step = functools.partial(local_step, opts, h)
+    d, new = opts.placement.run(step, layout, g, theta, state, finite)
+    out = layout.unpack(d, dtypes=[x.dtype for x in g_leaves])
+    out = jax.tree.map(lambda o, u: jnp.where(finite, o, u), out, updates)
+    return out, new
+
+
+# Called eagerly, the step compiles once per (options, layout, hyperparameters)
+# instead of re-tracing its scans and cond on every call, as jnp's own functions
+# do; under the caller's jit it is inlined. Concrete hyperparameters are
+# compile-time constants; traced ones (inject_hyperparams) are arguments.
+_step_static_hyper = jax.jit(_step, static_argnums=(0, 1, 2))
+_step_traced_hyper = jax.jit(_step, static_argnums=(0, 1))
+
+
+def update(opts: Options, h: Hyperparams, updates, state, params):
+    """Checks that updates, state and params fit together, then runs the step."""
+    layout = _blocks.make_layout(params, opts.blocks)
+    check_structure(opts, layout, updates, state)
+    concrete = all(x is None or is_number(x) for x in h)
+    step = _step_static_hyper if concrete else _step_traced_hyper
+    return step(opts, layout, h, updates, state, params)
+
+
+def check_structure(opts: Options, layout, updates, state: ScaleByMLBFGSState) -> None:
+    """Raises a ValueError when updates, state and params do not fit together."""
+    rows = opts.placement.rows(layout)
+    expected = [shape for shape, _ in layout.packed_shapes()]
+    if rows != layout.num_blocks:
+        expected = [(rows,) + expected[0][1:]]
+    expected_tree = (layout.treedef if layout.slice_size is None
+                     else jax.tree.structure([0]))
+    state_avg = jax.tree.leaves(state.params_avg)
+    if (jax.tree.structure(state.params_avg) != expected_tree
+            or [tuple(x.shape) for x in state_avg] != expected):
+        raise ValueError(
+            "scale_by_mlbfgs: params do not match the optimizer state; was the state "
+            "made by init on these params?\n"
+            f"  state:  {jax.tree.structure(state.params_avg)} with shapes "
+            f"{[tuple(x.shape) for x in state_avg]}\n"
+            f"  params: {expected_tree} with shapes {expected}"
+        )
+    if state.rho.shape != (rows, opts.memory_size):
+        raise ValueError(
+            f"scale_by_mlbfgs: the state holds {state.rho.shape[0]} blocks of memory "
+            f"{state.rho.shape[1]}, but params give {layout.num_blocks} blocks of memory "
+            f"{opts.memory_size}; was the state made by init on the same params?"
+        )
+    try:
+        g_leaves = layout.treedef.flatten_up_to(updates)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "scale_by_mlbfgs: updates and params have different tree structures.\n"
+            f"  params:  {layout.treedef}\n  updates: {jax.tree.structure(updates)}"
+        ) from e
+    for i, (x, shape) in enumerate(zip(g_leaves, layout.shapes)):
+        if tuple(x.shape) != shape:
+            raise ValueError(
+                f"scale_by_mlbfgs: updates leaf #{i} has shape {tuple(x.shape)}, "
+                f"params has {shape}."
+            )

@@ -1,0 +1,115 @@
+"""_options: validation at construction, and the static/numeric split."""
+
+import dataclasses
+import inspect
+
+import jax.numpy as jnp
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mlbfgs_optax
+from mlbfgs_optax import _options
+
+_NAN, _INF = float("nan"), float("inf")
+
+
+_BAD_SCALE = [
+    ("memory_size", 0), ("memory_size", -3), ("memory_size", 2.5), ("memory_size", True),
+    ("update_period", 0), ("update_period", -1), ("update_period", 2.5),
+    ("update_period", _INF),
+    ("update_period", _NAN),
+    ("beta", 1.0), ("beta", -0.1), ("beta", _NAN), ("beta", 1.5),
+    ("beta", np.float32(1.5)),
+    ("sigma_low", 1.0), ("sigma_low", 2.0), ("sigma_low", _NAN), ("sigma_low", _INF),
+    ("sigma_high", 1.0), ("sigma_high", 0.5), ("sigma_high", _NAN), ("sigma_high", -_INF),
+    ("tau_max", 0.0), ("tau_max", -0.5), ("tau_max", 1.01), ("tau_max", _NAN),
+    ("pair_momentum", 1.0), ("pair_momentum", -0.1), ("pair_momentum", _NAN),
+    ("curvature_eps", -1e-3), ("curvature_eps", _INF), ("curvature_eps", _NAN),
+    ("blocks", "leaves"),
+    ("history_dtype", jnp.int32),
+    ("history_dtype", "not-a-dtype"),
+    ("averages_dtype", jnp.int8),
+]
+
+
+def _value_in_message(value, msg):
+    return repr(value) in msg or str(value) in msg
+
+
+@pytest.mark.parametrize("name,value", _BAD_SCALE)
+def test_invalid_argument_raises_value_error(name, value):
+    for make in (mlbfgs_optax.scale_by_mlbfgs, lambda **kw: mlbfgs_optax.mlbfgs(0.1, **kw)):
+        with pytest.raises(ValueError) as info:
+            make(**{name: value})
+        msg = str(info.value)
+        assert f"{name}=" in msg, msg
+        assert _value_in_message(value, msg), msg
+        assert "expected" in msg, msg  # the accepted range follows "expected"
+
+
+@pytest.mark.parametrize("name,value", [
+    ("weight_decay", -1e-4),
+    ("weight_decay", _NAN),
+    ("weight_decay", _INF),
+    ("momentum", 1.0), ("momentum", -0.1), ("momentum", _NAN),
+    ("learning_rate", _NAN),
+    ("learning_rate", _INF),
+])
+def test_invalid_mlbfgs_argument_raises_value_error(name, value):
+    kw = dict(learning_rate=0.1)
+    kw[name] = value
+    with pytest.raises(ValueError) as info:
+        mlbfgs_optax.mlbfgs(**kw)
+    msg = str(info.value)
+    assert f"{name}=" in msg and _value_in_message(value, msg) and "expected" in msg, msg
+
+
+def test_valid_edge_arguments_are_accepted():
+    mlbfgs_optax.scale_by_mlbfgs(memory_size=1, update_period=1, beta=0.0, sigma_low=-_INF,
+                                 sigma_high=_INF, tau_max=1.0, pair_momentum=0.0,
+                                 curvature_eps=0.0)
+    mlbfgs_optax.mlbfgs(0.1, weight_decay=0.0, momentum=0.0, update_period=2.0)
+
+
+def test_options_are_hashable_and_blocks_do_not_enter_the_hash():
+    kw = dict(memory_size=3, update_period=2, beta=0.9, sigma_low=0.5, sigma_high=1.5,
+              tau_max=1.0, pair_momentum=0.0, refresh_grad_average=False, normalize=False,
+              sigma_yy=None, cache_gram=True, bias_correction=True, history_dtype=None,
+              averages_dtype=None, curvature_eps=None, axis_name=None, mesh=None)
+    a, ha = _options.make_options(blocks={"w": "x"}, **kw)
+    b, _ = _options.make_options(blocks="leaf", **kw)
+    assert hash(a) == hash(b) and a == b  # the layout, a static argument too, tells them apart
+    assert dataclasses.is_dataclass(a) and ha.sigma_yy == 15.0  # None resolved to 10 sigma_H
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.memory_size = 4
+
+
+def test_concrete_neutral_values_switch_work_off_traced_values_do_not():
+    kw = dict(memory_size=3, update_period=2, beta=0.9, sigma_low=0.5, sigma_high=1.5,
+              tau_max=1.0, refresh_grad_average=False, normalize=False, blocks="leaf",
+              cache_gram=True, bias_correction=True, history_dtype=None,
+              averages_dtype=None, curvature_eps=None, axis_name=None, mesh=None)
+    off, _ = _options.make_options(pair_momentum=0.0, sigma_yy=float("inf"), **kw)
+    assert off.pair_momentum_off and off.yy_bound_off
+    on, _ = _options.make_options(pair_momentum=jnp.asarray(0.0), sigma_yy=jnp.asarray(1e9),
+                                  **kw)
+    assert not on.pair_momentum_off and not on.yy_bound_off
+
+
+def test_mlbfgs_forwards_every_scale_by_mlbfgs_argument_with_the_same_default():
+    """The two signatures stay in sync: one edit to add an option, this test catches a miss."""
+    inner = inspect.signature(mlbfgs_optax.scale_by_mlbfgs).parameters
+    outer = inspect.signature(mlbfgs_optax.mlbfgs).parameters
+    for name, p in inner.items():
+        assert name in outer, name
+        assert outer[name].default == p.default or (
+            outer[name].default is p.default), (name, outer[name].default, p.default)
+        assert outer[name].kind == p.kind, name
+    for name in inner:
+        assert f"``{name}``" in mlbfgs_optax.mlbfgs.__doc__, name
+    # And the values really arrive: a non-default of every kind changes the state.
+    st = mlbfgs_optax.mlbfgs(0.1, memory_size=3, cache_gram=False,
+                             history_dtype=jnp.bfloat16).init(jnp.ones(4))
+    assert st[0].rho.shape == (1, 3) and st[0].sy_gram.shape == (1, 0, 0)
+    assert st[0].s_history.dtype == jnp.bfloat16
