@@ -172,7 +172,8 @@ class BlockLayout:
         for h, x, seg in zip(history, v, self.segments):
             x = x.astype(dtype)
             if seg.rows is None:
-                dot = jnp.tensordot(h, x, axes=x.ndim, preferred_element_type=dtype)
+                dot = jnp.einsum("m...,...->m", h, x, preferred_element_type=dtype,
+                                 out_sharding=_replicated_like(x))
                 whole.setdefault(seg.offset, []).append(dot.astype(dtype))
             else:
                 dot = jnp.einsum("mr...,r...->rm", h, x, preferred_element_type=dtype)
@@ -244,6 +245,21 @@ class BlockLayout:
             return jax.lax.dynamic_update_index_in_dim(history, new, slots[seg.offset], 0)
         idx = slots[seg.offset : seg.offset + seg.rows]
         return history.at[idx, jnp.arange(seg.rows)].set(new, mode="drop")
+
+
+def _replicated_like(x: jax.Array):
+    """A replicated output sharding for a contraction over ``x``'s dimensions.
+
+    Where ``x`` is sharded over Explicit mesh axes (params sharded the ordinary
+    way), JAX needs to be told how a contraction over those axes is laid out:
+    a per-block dot product is a replicated scalar (an all-reduce of partial
+    sums). None elsewhere, which leaves the default.
+    """
+    s = jax.typeof(x).sharding
+    if not any(s.mesh._name_to_type[n] == jax.sharding.AxisType.Explicit
+               for n in jax.tree.leaves(tuple(s.spec))):
+        return None
+    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
 
 
 def _label_name(label: Hashable) -> str:

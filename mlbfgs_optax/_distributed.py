@@ -54,17 +54,64 @@ class Collectives:
 Step = Callable[..., tuple[list, ScaleByMLBFGSState]]
 
 
+def param_sharding(x) -> Optional[jax.sharding.Sharding]:
+    """The sharding a parameter leaf carries, when there is one to follow.
+
+    A concrete array's (or ``ShapeDtypeStruct``'s) ``NamedSharding`` or
+    ``SingleDeviceSharding``; under ``jax.jit`` the sharding in the leaf's type,
+    which only Explicit mesh axes put there. None otherwise (GSPMD then places
+    the state, as it places everything else in an Auto program).
+    """
+    if isinstance(x, jax.core.Tracer):
+        s = jax.typeof(x).sharding
+        explicit = isinstance(s, NamedSharding) and any(
+            s.mesh._name_to_type[n] == jax.sharding.AxisType.Explicit
+            for n in jax.tree.leaves(tuple(s.spec)))
+        return s if explicit else None
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, (NamedSharding, jax.sharding.SingleDeviceSharding)) else None
+
+
+def zeros_like_param(x, shape: tuple, dtype) -> jax.Array:
+    """Zeros of ``shape`` (``x.shape`` behind unsharded leading axes), placed like ``x``."""
+    s = param_sharding(x)
+    if s is None:
+        return jnp.zeros(shape, dtype)
+    if isinstance(s, NamedSharding):
+        lead = len(shape) - len(x.shape)
+        s = NamedSharding(s.mesh, PartitionSpec(*(None,) * lead, *s.spec))
+    if isinstance(x, jax.core.Tracer):
+        # Inside jit the sharding is part of the leaf's type: zeros_like keeps
+        # it and broadcasting adds the unsharded memory axis, with no need for a
+        # concrete mesh in context.
+        return jnp.broadcast_to(jnp.zeros_like(x, dtype=dtype), shape)
+    return jnp.zeros(shape, dtype, device=s)
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Base class: the state lives whole on every device (single device, GSPMD)."""
+    """Base class: the state lives whole on every device (single device, GSPMD).
+
+    Params-shaped and history fields follow the sharding of the parameter leaf
+    they mirror (``"leaf"``, ``"all"`` and label blocks), so params sharded
+    FSDP- or tensor-parallel-style keep their optimizer state sharded the same
+    way, with an unsharded leading memory axis on the histories.
+    """
 
     def rows(self, layout: _blocks.BlockLayout) -> int:
         """The number of blocks whose state this call holds."""
         return layout.num_blocks
 
-    def init(self, layout: _blocks.BlockLayout, zeros: Callable) -> ScaleByMLBFGSState:
-        """The initial state; ``zeros(layout)`` builds it for a layout."""
-        return zeros(layout)
+    def init(self, layout: _blocks.BlockLayout, zeros: Callable, params=None) -> ScaleByMLBFGSState:
+        """The initial state; ``zeros(layout, make)`` builds it for a layout.
+
+        ``make(j, shape, dtype)`` creates packed array ``j`` of a params-shaped
+        field; here it follows the sharding of params leaf ``j``.
+        """
+        if params is None or layout.slice_size is not None:
+            return zeros(layout, None)
+        leaves = layout.treedef.flatten_up_to(params)
+        return zeros(layout, lambda j, shape, dtype: zeros_like_param(leaves[j], shape, dtype))
 
     def run(self, step: Step, layout, g, theta, state, finite):
         """Runs ``step`` on this call's blocks; returns the packed direction and new state."""
@@ -109,9 +156,11 @@ class OverAxis(Placement):
             )
         return layout.num_blocks // n_dev
 
-    def init(self, layout, zeros):
+    def init(self, layout, zeros, params=None):
         rows = self.rows(layout)
-        return zeros(layout if rows == layout.num_blocks else layout.local(rows))
+        if rows == layout.num_blocks:
+            return super().init(layout, zeros, params)
+        return zeros(layout.local(rows), None)
 
     def run(self, step, layout, g, theta, state, finite):
         rows = state.rho.shape[0]
@@ -132,13 +181,13 @@ class OverMesh(Placement):
     mesh: jax.sharding.Mesh
     axis_name: str
 
-    def init(self, layout, zeros):
-        abstract = jax.eval_shape(lambda: zeros(layout))
+    def init(self, layout, zeros, params=None):
+        abstract = jax.eval_shape(lambda: zeros(layout, None))
         shardings = jax.tree.map(lambda spec: NamedSharding(self.mesh, spec),
                                  state_specs(abstract, self.axis_name))
         # Every array is created already sharded: no device ever holds the whole
         # history.
-        return jax.jit(zeros, static_argnums=0, out_shardings=shardings)(layout)
+        return jax.jit(lambda: zeros(layout, None), out_shardings=shardings)()
 
     def run(self, step, layout, g, theta, state, finite):
         k_local = layout.num_blocks // self.mesh.shape[self.axis_name]
@@ -193,53 +242,82 @@ def make_placement(axis_name: Optional[str], mesh, blocks) -> Placement:
 # Partition specs -----------------------------------------------------------------
 
 
-def state_specs(state: ScaleByMLBFGSState, axis_name: Optional[str]) -> ScaleByMLBFGSState:
-    """PartitionSpecs of a :class:`ScaleByMLBFGSState`, block axis on ``axis_name``.
+def state_specs(state: ScaleByMLBFGSState, axis_name: Optional[str] = None,
+                params_specs: Any = None) -> ScaleByMLBFGSState:
+    """PartitionSpecs of a :class:`ScaleByMLBFGSState`, read off the field table.
 
-    Read off the field table :data:`mlbfgs_optax._state.FIELDS`: for a sliced
-    state (:func:`mlbfgs_optax._state.is_sliced`) the params-shaped fields shard
-    their block rows, the histories their second axis and the per-block fields
-    their first; scalars, and every field of other layouts, are replicated.
+    For a sliced state (:func:`mlbfgs_optax._state.is_sliced`) and an
+    ``axis_name``, the params-shaped fields shard their block rows, the
+    histories their second axis and the per-block fields their first. For the
+    other layouts with ``params_specs`` (the params' own specs, a pytree like
+    params), every params-shaped field takes those specs and every history
+    adds an unsharded memory axis in front, as ``init`` places them. Every
+    other field is replicated.
     """
+    table = _state.FIELDS
     replicated = jax.tree.map(lambda _: PartitionSpec(), state)
-    if axis_name is None or not _state.is_sliced(state):
+    if _state.is_sliced(state):
+        if axis_name is None:
+            return replicated
+        by_kind = {
+            _state.Kind.SCALAR: PartitionSpec(),
+            _state.Kind.PARAMS: [PartitionSpec(axis_name)],
+            _state.Kind.HISTORY: [PartitionSpec(None, axis_name)],
+            _state.Kind.BLOCK: PartitionSpec(axis_name),
+        }
+        return ScaleByMLBFGSState(**{f: by_kind[k] for f, k in table.items()})
+    if params_specs is None:
         return replicated
-    by_kind = {
-        _state.Kind.SCALAR: PartitionSpec(),
-        _state.Kind.PARAMS: [PartitionSpec(axis_name)],
-        _state.Kind.HISTORY: [PartitionSpec(None, axis_name)],
-        _state.Kind.BLOCK: PartitionSpec(axis_name),
-    }
-    return ScaleByMLBFGSState(**{f: by_kind[k] for f, k in _state.FIELDS.items()})
+    treedef = jax.tree.structure(state.params_avg)
+    leaves = treedef.flatten_up_to(params_specs)
+    params = treedef.unflatten(leaves)
+    history = treedef.unflatten([PartitionSpec(None, *s) for s in leaves])
+    by_kind = {_state.Kind.PARAMS: params, _state.Kind.HISTORY: history}
+    return replicated._replace(**{f: by_kind[k] for f, k in table.items() if k in by_kind})
 
 
-def state_partition_specs(opt_state: Any, axis_name: Optional[str]) -> Any:
-    """PartitionSpecs for a whole optax state: mL-BFGS block axes on ``axis_name``.
+def state_partition_specs(opt_state: Any, axis_name: Optional[str] = None,
+                          params_specs: Any = None) -> Any:
+    """PartitionSpecs for a whole optax state holding mL-BFGS states.
 
     Every :class:`ScaleByMLBFGSState` inside ``opt_state`` (e.g. the state of
-    :func:`~mlbfgs_optax.mlbfgs`) gets :func:`state_specs`; every other leaf
-    is replicated. Use it as ``in_specs``/``out_specs`` of :func:`jax.shard_map`
-    or to build ``NamedSharding`` for ``jax.device_put``/``out_shardings``.
+    :func:`~mlbfgs_optax.mlbfgs`) gets the specs its ``init`` gives it: with
+    :class:`~mlbfgs_optax.EqualSlices` blocks the block axis on ``axis_name``;
+    with ``"leaf"``, ``"all"`` or label blocks and ``params_specs``, the params'
+    specs on the params-shaped fields (as :func:`optax.tree.map_params` finds
+    them) and ``P(None, *spec)`` on the histories. Every other leaf is
+    replicated. Use it as ``in_specs``/``out_specs`` of :func:`jax.shard_map`
+    or to build ``NamedSharding`` for ``jax.device_put``, ``out_shardings`` or
+    a checkpoint restore target.
 
     Args:
       opt_state: an optax state, or its ``jax.eval_shape``.
-      axis_name: the mesh axis that shards the blocks.
+      axis_name: the mesh axis that shards :class:`~mlbfgs_optax.EqualSlices`
+        blocks.
+      params_specs: the ``PartitionSpec`` of every parameter (a pytree like
+        params), for the other layouts.
 
     Returns:
       A pytree of ``PartitionSpec`` with the structure of ``opt_state``.
 
     Example:
       >>> import jax, jax.numpy as jnp, mlbfgs_optax
+      >>> from jax.sharding import PartitionSpec as P
       >>> opt = mlbfgs_optax.mlbfgs(0.1, blocks=mlbfgs_optax.EqualSlices(8))
       >>> specs = mlbfgs_optax.state_partition_specs(
       ...     jax.eval_shape(opt.init, jnp.zeros(64)), "data")
-      >>> specs[0].s_history == [jax.sharding.PartitionSpec(None, "data")]
+      >>> specs[0].s_history == [P(None, "data")]
       True
+      >>> opt = mlbfgs_optax.mlbfgs(0.1)
+      >>> state = jax.eval_shape(opt.init, {"w": jnp.zeros((8, 4))})
+      >>> specs = mlbfgs_optax.state_partition_specs(state, params_specs={"w": P("x")})
+      >>> specs[0].grads_avg, specs[0].s_history
+      ({'w': P('x',)}, {'w': P(None, 'x')})
     """
     is_state = lambda x: isinstance(x, ScaleByMLBFGSState)
 
     def spec(x):
-        return state_specs(x, axis_name) if is_state(x) else PartitionSpec()
+        return state_specs(x, axis_name, params_specs) if is_state(x) else PartitionSpec()
 
     return jax.tree.map(spec, opt_state, is_leaf=is_state)
 

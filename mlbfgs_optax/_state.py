@@ -153,14 +153,21 @@ def from_tree(layout, tree: Any) -> list:
     return list(tree)
 
 
-def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes) -> ScaleByMLBFGSState:
-    """The initial state of the blocks of ``layout`` (all arrays distinct buffers)."""
+def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes,
+                zeros=None) -> ScaleByMLBFGSState:
+    """The initial state of the blocks of ``layout`` (all arrays distinct buffers).
+
+    ``zeros(j, shape, dtype)`` creates packed array ``j`` of a params-shaped or
+    history field (``shape`` has the history's leading ``M`` axis); the default
+    is ``jnp.zeros``. Placements pass one that follows the params' sharding.
+    """
     packed = [s for s, _ in layout.packed_shapes()]
     b, m = layout.num_blocks, memory_size
     gram = (b, m, m) if cache_gram else (b, 0, 0)
+    zeros = zeros or (lambda j, shape, dtype: jnp.zeros(shape, dtype))
 
     def params(dts, lead=()):
-        return to_tree(layout, [jnp.zeros(lead + s, d) for s, d in zip(packed, dts)])
+        return to_tree(layout, [zeros(j, lead + s, d) for j, (s, d) in enumerate(zip(packed, dts))])
 
     return ScaleByMLBFGSState(
         count=jnp.zeros([], jnp.int32),

@@ -35,12 +35,34 @@ def state_dtypes(opts: Options, layout) -> _state.Dtypes:
     return _state.dtypes(layout, opts.history_dtype, opts.averages_dtype)
 
 
+@functools.cache
+def _params_placeholder_type() -> type:
+    """The type of the stand-in for params that :func:`optax.tree.map_params` inits with."""
+    seen = []
+    optax.tree.map_params(lambda p: seen.append(type(p)) or p, lambda x: x, ())
+    return seen[0]
+
+
+class _NotParams:
+    """A leaf marking a state field that is not params-shaped (see :func:`init`)."""
+
+
 def init(opts: Options, params: Any) -> ScaleByMLBFGSState:
-    """The initial state for ``params`` (arrays or ``jax.ShapeDtypeStruct``)."""
+    """The initial state for ``params`` (arrays or ``jax.ShapeDtypeStruct``).
+
+    On optax's params placeholder (:func:`optax.tree.map_params` inits with it
+    to find the params-shaped parts of a state) the four averages and
+    snapshots are the placeholder and every other field, the histories
+    included, a :class:`_NotParams` leaf.
+    """
+    if isinstance(params, _params_placeholder_type()):
+        return ScaleByMLBFGSState(**{
+            f: params if k is _state.Kind.PARAMS else _NotParams()
+            for f, k in _state.FIELDS.items()})
     layout = _blocks.make_layout(params, opts.blocks)
-    zeros = lambda lay: _state.zeros_state(lay, opts.memory_size, opts.cache_gram,
-                                           state_dtypes(opts, lay))
-    return opts.placement.init(layout, zeros)
+    zeros = lambda lay, make: _state.zeros_state(lay, opts.memory_size, opts.cache_gram,
+                                                 state_dtypes(opts, lay), make)
+    return opts.placement.init(layout, zeros, params)
 
 
 def averages(layout, state: ScaleByMLBFGSState, g, theta, beta, finite, dt) -> ScaleByMLBFGSState:

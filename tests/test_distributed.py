@@ -11,7 +11,9 @@ assignment or a lost pair changes the parameters by more than 1e-3
 (test_tolerance_detects_wrong_blocks).
 """
 
+import contextlib
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -245,3 +247,196 @@ def test_partition_specs_of_single_leaf_list_params_are_replicated():
     assert all(s == P() for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
     placed = jax.device_put(state, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
     assert placed[0].rho.shape == (1, 10)
+
+
+# Sharding that follows the params ----------------------------------------------------
+#
+# Params sharded the ordinary way (a NamedSharding per leaf) with the default
+# "leaf" blocks, label blocks or "all": every params-shaped state field takes its
+# parameter's sharding from init on, every history adds an unsharded memory axis,
+# per-block scalars stay replicated, and a step's only collectives are
+# all-reduces of per-block scalars and M-vectors.
+
+_LAYOUTS = {
+    # name: (mesh shape, axis names, specs of w (16, 24), b (24,), tiny (3,))
+    "fsdp": ((8,), ("x",), {"w": P("x"), "b": P("x"), "tiny": P()}),
+    "tensor_parallel": ((8,), ("x",), {"w": P(None, "x"), "b": P("x"), "tiny": P()}),
+    "data_model_2d": ((2, 4), ("data", "model"),
+                      {"w": P("data", "model"), "b": P("model"), "tiny": P()}),
+}
+_FOLLOW_STEPS = 18
+_FOLLOW_BLOCKS = {"fsdp": "leaf", "tensor_parallel": {"w": "a", "b": "a", "tiny": "c"},
+                  "data_model_2d": "all"}
+
+
+def _follow_problem(dtype):
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(16, 24)), dtype),
+              "b": jnp.asarray(rng.normal(size=24), dtype), "tiny": jnp.ones(3, dtype)}
+    curv = jax.tree.map(lambda x: jnp.asarray(rng.uniform(0.5, 3.0, size=x.shape), dtype), params)
+
+    def grad(p, t):
+        return jax.tree.map(lambda c, x: c * (x - t), curv, p)
+
+    return params, grad
+
+
+def _follow_run(opt, params, grad, init=None):
+    state = opt.init(params) if init is None else init(params)
+    state0 = state
+
+    @jax.jit
+    def step(p, st, t):
+        u, st = opt.update(grad(p, t), st, p)
+        return optax.apply_updates(p, u), st
+
+    for i in range(_FOLLOW_STEPS):
+        params, state = step(params, state, 0.1 * np.sin(i))
+        jax.block_until_ready(state)
+    return params, state, state0
+
+
+def _spec(x):
+    """``x``'s PartitionSpec without trailing Nones (P(None,) and P() are the same layout)."""
+    spec = list(x.sharding.spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return P(*spec)
+
+
+def _check_state_follows(st, specs):
+    for name in ("params_avg", "grads_avg", "params_snapshot", "grads_snapshot"):
+        for k, spec in specs.items():
+            assert _spec(getattr(st, name)[k]) == spec, (name, k)
+    for name in ("s_history", "y_history"):
+        for k, spec in specs.items():
+            expected = P(None, *spec) if len(spec) else P()
+            assert _spec(getattr(st, name)[k]) == expected, (name, k)
+    for name in ("rho", "gamma", "sy_gram", "count"):
+        assert getattr(st, name).sharding.is_fully_replicated, name
+
+
+@functools.lru_cache(maxsize=None)
+def _follow_reference(layout):
+    """The single-device run of test_state_follows_param_sharding_and_matches_one_device."""
+    blocks = _FOLLOW_BLOCKS[layout]
+    with jax.enable_x64(True):
+        params, grad = _follow_problem(jnp.float64)
+        opt = mlbfgs_optax.mlbfgs(0.05, update_period=3, beta=0.9, memory_size=4, blocks=blocks)
+        return _follow_run(opt, params, grad)[0]
+
+
+def _follow_init(opt, params, mesh, specs, axis_type, set_mesh):
+    """How a user inits with sharded params: jitted where JAX can, eager where it cannot."""
+    if axis_type == "Explicit" and set_mesh:
+        return jax.jit(opt.init)  # the sharding is in the params' types
+    elif axis_type == "Auto":
+        # Auto axes: no sharding in the types, so a jitted init is told where
+        # the state goes, with the specs mlbfgs_optax derives from the params'.
+        abstract = jax.eval_shape(opt.init, params)
+        specs_tree = mlbfgs_optax.state_partition_specs(abstract, params_specs=specs)
+        return jax.jit(opt.init, out_shardings=jax.tree.map(
+            lambda s: NamedSharding(mesh, s), specs_tree, is_leaf=lambda x: isinstance(x, P)))
+    else:
+        # Explicit axes without a mesh in context: JAX itself cannot run a jitted
+        # init whose inputs are only read for their types (optax.adam alike), so
+        # init eagerly.
+        return None
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+@pytest.mark.parametrize("set_mesh", [False, True], ids=["no_set_mesh", "set_mesh"])
+def test_state_follows_param_sharding_and_matches_one_device(layout, axis_type, set_mesh):
+    shape, names, specs = _LAYOUTS[layout]
+    mesh = jax.make_mesh(shape, names,
+                         axis_types=(getattr(jax.sharding.AxisType, axis_type),) * len(names))
+    blocks = _FOLLOW_BLOCKS[layout]
+    with jax.enable_x64(True):
+        params, grad = _follow_problem(jnp.float64)
+        opt = mlbfgs_optax.mlbfgs(0.05, update_period=3, beta=0.9, memory_size=4, blocks=blocks)
+        ref = _follow_reference(layout)
+        init = _follow_init(opt, params, mesh, specs, axis_type, set_mesh)
+        sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
+                               params, specs)
+        with (jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext()):
+            p, st, st0 = _follow_run(opt, sharded, grad, init)
+    _check_state_follows(st0[0], specs)
+    _check_state_follows(st[0], specs)  # no resharding across steps
+    assert int(jnp.min(st[0].num_pairs)) == 4
+    _assert_same(p, ref)
+
+
+def test_state_follows_param_sharding_in_float32():
+    shape, names, specs = _LAYOUTS["fsdp"]
+    mesh = jax.make_mesh(shape, names)
+    params, grad = _follow_problem(jnp.float32)
+    opt = mlbfgs_optax.mlbfgs(0.05, update_period=3, beta=0.9, memory_size=4)
+    ref, _, _ = _follow_run(opt, params, grad)
+    sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+    p, st, _ = _follow_run(opt, sharded, grad)
+    _check_state_follows(st[0], specs)
+    _assert_same(p, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_followed_sharding_step_only_all_reduces_scalars(axis_type):
+    """No all-gather of history or averages: only per-block scalars and M-vectors cross devices."""
+    shape, names, specs = _LAYOUTS["tensor_parallel"]
+    mesh = jax.make_mesh(shape, names, axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+    params, _ = _follow_problem(jnp.float32)
+    params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+    opt = mlbfgs_optax.mlbfgs(0.1, memory_size=6)
+    with jax.set_mesh(mesh):
+        st = opt.init(params)
+        hlo = jax.jit(opt.update).lower(params, st, params).compile().as_text()
+    ops = [line for line in hlo.splitlines()
+           if re.search(r"= .*\b(all-gather|all-reduce|all-to-all|collective-permute|"
+                        r"reduce-scatter)(-start)?\(", line)]
+    assert ops and all(" all-reduce(" in line or "all-reduce-start(" in line for line in ops)
+    for line in ops:
+        result_types = line.split("=", 1)[1].split("all-reduce")[0]
+        for dims in re.findall(r"\[([0-9,]*)\]", result_types):
+            size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+            assert size <= 6, line
+
+
+def test_followed_state_bytes_per_device_fall_as_one_over_n():
+    params = {"w": jnp.zeros((64, 48)), "b": jnp.zeros(48)}
+    opt = mlbfgs_optax.mlbfgs(0.1)
+    single = sum(x.nbytes for x in jax.tree.leaves(opt.init(params)))
+    for n in (2, 4, 8):
+        mesh = jax.make_mesh((n,), ("x",), devices=jax.devices()[:n])
+        sharded = {"w": jax.device_put(params["w"], NamedSharding(mesh, P("x"))),
+                   "b": jax.device_put(params["b"], NamedSharding(mesh, P("x")))}
+        per_dev = _bytes_per_device(opt.init(sharded))
+        # Per-block scalars (rho, gamma, Gram matrices, ...) stay whole: 2 blocks.
+        small = 4 + 4 * 4 + 2 * 4 * (10 + 2 * 100 + 5) + 2 * 4 * 3
+        assert max(per_dev.values()) <= single / n + small, (n, per_dev, single)
+
+
+@pytest.mark.parametrize("blocks", ["leaf", "all", {"w": "a", "b": "a"}])
+def test_map_params_and_state_partition_specs_agree(blocks):
+    params = {"w": jnp.zeros((16, 8)), "b": jnp.zeros(8)}
+    pspecs = {"w": P("x"), "b": P(None)}
+    for opt in (mlbfgs_optax.mlbfgs(0.1, blocks=blocks),
+                mlbfgs_optax.mlbfgs(0.1, blocks=blocks, momentum=0.9, weight_decay=1e-4)):
+        state = opt.init(params)
+        mapped = optax.tree.map_params(opt, lambda _, s: s, state, pspecs,
+                                       transform_non_params=lambda _: None)
+        ours = mlbfgs_optax.state_partition_specs(state, params_specs=pspecs)
+        found = mlbfgs_optax.find_mlbfgs_state(mapped)
+        mine = mlbfgs_optax.find_mlbfgs_state(ours)
+        # map_params finds exactly the four params-shaped fields.
+        params_fields = ("params_avg", "grads_avg", "params_snapshot", "grads_snapshot")
+        for name in mlbfgs_optax.ScaleByMLBFGSState._fields:
+            if name in params_fields:
+                assert getattr(found, name) == pspecs == getattr(mine, name), name
+            else:
+                assert getattr(found, name) is None, name
+        assert mine.s_history == {"w": P(None, "x"), "b": P(None, None)}
+        # The specs place a real state.
+        mesh = jax.make_mesh((N_DEV,), ("x",))
+        placed = jax.device_put(state, jax.tree.map(lambda s: NamedSharding(mesh, s), ours,
+                                                    is_leaf=lambda x: isinstance(x, P)))
+        assert mlbfgs_optax.find_mlbfgs_state(placed).s_history["w"].sharding.spec == P(None, "x")
