@@ -221,7 +221,9 @@ def mlbfgs(
       b_t &= \mu\, b_{t-1} + d_t \quad (\text{if momentum } \mu), \\
       \theta_{t+1} &= \theta_t - \eta_t\, b_t .
 
-    The chain is ``optax.add_decayed_weights`` -> :func:`scale_by_mlbfgs` ->
+    The chain is :func:`scale_by_mlbfgs` (fed the decayed gradient, as
+    ``optax.add_decayed_weights`` would give it; the decay has no state, so
+    the state's structure never depends on ``weight_decay``) ->
     ``optax.trace`` -> ``optax.scale_by_learning_rate``. The authors' recipe
     is ``weight_decay=2e-4, momentum=0.9, beta=0.999, update_period=50,
     memory_size=10, tau_max=0.99, pair_momentum=0.9,
@@ -271,15 +273,34 @@ def mlbfgs(
     _options.check("learning_rate", learning_rate, math.isfinite,
                    "a finite float or a schedule", "mlbfgs")
     args = locals()
-    parts = []
-    # The one rule (see _options): a concrete 0 switches the decay off.
-    if not (_options.is_number(weight_decay) and weight_decay == 0):
-        parts.append(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask))
-    parts.append(scale_by_mlbfgs(**{k: args[k] for k in _SCALE_ARGS}))
+    parts = [_with_weight_decay(scale_by_mlbfgs(**{k: args[k] for k in _SCALE_ARGS}),
+                                weight_decay, weight_decay_mask)]
     if momentum is not None:
         parts.append(optax.trace(decay=momentum, nesterov=nesterov))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
+
+
+def _with_weight_decay(inner: optax.GradientTransformationExtraArgs, weight_decay,
+                       mask) -> optax.GradientTransformationExtraArgs:
+    r"""``inner`` applied to :math:`g + \lambda\theta`, with ``inner``'s state alone.
+
+    :func:`optax.add_decayed_weights` is stateless, so folding it into the
+    mL-BFGS element keeps the state's structure the same whatever
+    ``weight_decay`` is (a concrete 0, a number, or a traced value under
+    :func:`optax.inject_hyperparams`); a concrete 0 skips the arithmetic.
+    """
+    if _options.is_number(weight_decay) and weight_decay == 0:
+        return inner
+    decay = optax.add_decayed_weights(weight_decay, mask=mask)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("mlbfgs needs the current params: call update(updates, state, params).")
+        updates, _ = decay.update(updates, decay.init(params), params)
+        return inner.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 #: The arguments of :func:`scale_by_mlbfgs`, which :func:`mlbfgs` forwards.

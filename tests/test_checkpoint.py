@@ -208,3 +208,64 @@ def test_eager_matches_jit():
     run_jit = _run(*one_jit, 1, 7, jstep)
     assert int(np.min(mlbfgs_optax.find_mlbfgs_state(run_eager[1]).num_pairs)) == 1
     assert _max_scaled_diff(run_eager, run_jit) <= 1000.0  # ~1.2e-4 relative
+
+
+# Across placements: save on 8 devices, restore onto 4 and onto 1, and back ---------
+
+
+def _fsdp_placed(tree, opt, n):
+    """Params sharded FSDP-style over ``n`` devices and the optimizer state that follows them."""
+    if n == 1:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), tree)
+    mesh = jax.make_mesh((n,), ("x",), devices=jax.devices()[:n])
+    P = jax.sharding.PartitionSpec
+    pspecs = {"w": P("x"), "b": P("x")}
+    specs = {"params": pspecs,
+             "opt_state": mlbfgs_optax.state_partition_specs(tree["opt_state"],
+                                                              params_specs=pspecs)}
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                          sharding=jax.sharding.NamedSharding(mesh, s)),
+        tree, specs, is_leaf=lambda x: isinstance(x, P) or hasattr(x, "shape"))
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_orbax_restore_onto_other_device_counts_continues_the_run(tmp_path):
+    rng = np.random.default_rng(0)
+    p0 = {"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+          "b": jnp.asarray(rng.normal(size=8), jnp.float32)}
+    opt = mlbfgs_optax.mlbfgs(0.05, memory_size=3, update_period=T, beta=0.5, momentum=0.9)
+    loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2 * jnp.arange(8.0)[None]) + jnp.sum(jnp.cos(p["b"]))
+
+    @jax.jit
+    def step(p, st):
+        u, st = opt.update(jax.grad(loss)(p), st, p)
+        return optax.apply_updates(p, u), st
+
+    def run(p, st, n):
+        for _ in range(n):
+            p, st = step(p, st)
+            jax.block_until_ready(st)
+        return p, st
+
+    ref, _ = run(p0, opt.init(p0), 4 * 5)
+    abstract = jax.eval_shape(lambda p: {"params": p, "opt_state": opt.init(p)}, p0)
+    tree = jax.device_put({"params": p0, "opt_state": opt.init(p0)},
+                          jax.tree.map(lambda x: x.sharding, _fsdp_placed(abstract, opt, 8)))
+    p, st = tree["params"], tree["opt_state"]
+    with ocp.StandardCheckpointer() as ckptr:
+        for i, n in enumerate([4, 1, 8, 8]):  # 8 -> 4 -> 1 -> 8 (-> 8)
+            p, st = run(p, st, 5)
+            path = tmp_path / f"ckpt_{i}"
+            ckptr.save(path, {"params": p, "opt_state": st})
+            ckptr.wait_until_finished()
+            restored = ckptr.restore(path, _fsdp_placed(abstract, opt, n))
+            p, st = restored["params"], restored["opt_state"]
+            devices = {d for x in jax.tree.leaves(st) for d in x.sharding.device_set}
+            assert len(devices) == n
+            if n > 1:
+                inner = mlbfgs_optax.find_mlbfgs_state(st)
+                assert inner.s_history["w"].sharding.spec == jax.sharding.PartitionSpec(None, "x")
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
