@@ -111,7 +111,18 @@ class Placement:
         if params is None or layout.slice_size is not None:
             return zeros(layout, None)
         leaves = layout.treedef.flatten_up_to(params)
-        return zeros(layout, lambda j, shape, dtype: zeros_like_param(leaves[j], shape, dtype))
+        state = zeros(layout, lambda j, shape, dtype: zeros_like_param(leaves[j], shape, dtype))
+        meshes = [s.mesh for s in map(param_sharding, leaves)
+                  if isinstance(s, NamedSharding) and not isinstance(leaves[0], jax.core.Tracer)]
+        if not meshes:
+            return state
+        # The scalars and per-block fields live replicated on the params' mesh
+        # (not on one default device: with several processes that device set
+        # would not even be compatible with the params').
+        whole = NamedSharding(meshes[0], PartitionSpec())
+        small = {f: jax.device_put(getattr(state, f), whole) for f, k in _state.FIELDS.items()
+                 if k in (_state.Kind.SCALAR, _state.Kind.BLOCK)}
+        return state._replace(**small)
 
     def run(self, step: Step, layout, g, theta, state, finite):
         """Runs ``step`` on this call's blocks; returns the packed direction and new state."""

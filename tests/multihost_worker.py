@@ -55,11 +55,17 @@ def loss_fn(p, xb, yb):
 def make_optimizer(num_blocks=K, **kw):
     import mlbfgs_optax
 
+    if num_blocks is None:  # default "leaf" blocks
+        return mlbfgs_optax.mlbfgs(LR, **OPT_KW, **kw)
     return mlbfgs_optax.mlbfgs(LR, blocks=mlbfgs_optax.EqualSlices(num_blocks), **OPT_KW, **kw)
 
 
 def main(argv):
     process_id, num_processes, port, out = int(argv[0]), int(argv[1]), int(argv[2]), argv[3]
+    # "slices": replicated params, EqualSlices state sharded over the mesh (ZeRO);
+    # "fsdp": params sharded on their first axis, default "leaf" blocks, the state
+    # following the params.
+    mode = argv[4] if len(argv) > 4 else "slices"
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -80,18 +86,23 @@ def main(argv):
     n_dev = jax.device_count()
     assert n_dev == num_processes * jax.local_device_count()
     mesh = jax.make_mesh((n_dev,), ("data",))
-    opt = make_optimizer(mesh=mesh, axis_name="data")
+    if mode == "slices":
+        opt = make_optimizer(mesh=mesh, axis_name="data")
+    else:
+        opt = make_optimizer(None)
 
     x, y, params0 = problem()
     replicated = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P("data"))
+    param_shardings = ({"w": replicated, "b": replicated} if mode == "slices"
+                       else {"w": rows, "b": replicated})
 
     def global_array(a, sharding):
         # Every process knows the whole array; each fills its own devices.
         a = np.asarray(a)
         return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
-    params = jax.tree.map(lambda a: global_array(a, replicated), params0)
+    params = jax.tree.map(global_array, params0, param_shardings)
     state = opt.init(params)
 
     def step(p, st, xb, yb):
@@ -99,7 +110,8 @@ def main(argv):
         u, st = opt.update(grads, st, p)
         return optax.apply_updates(p, u), st
 
-    step = jax.jit(step, out_shardings=(replicated, jax.tree.map(lambda a: a.sharding, state)))
+    step = jax.jit(step, out_shardings=(param_shardings,
+                                        jax.tree.map(lambda a: a.sharding, state)))
     for i in range(STEPS):
         xb, yb = batch(x, y, i)
         params, state = step(params, state, global_array(xb, rows), global_array(yb, rows))
@@ -111,7 +123,12 @@ def main(argv):
                     ((s.device, s) for s in mstate.num_pairs.addressable_shards)}
     # num_pairs is sharded: gather it to every process to report the minimum.
     num_pairs = jax.jit(lambda a: a, out_shardings=replicated)(mstate.num_pairs)
+    params = jax.jit(lambda a: a, out_shardings=replicated)(params)
     result = {k: np.asarray(v.addressable_shards[0].data) for k, v in params.items()}
+    if mode == "fsdp":
+        hist = mstate.s_history["w"]
+        result["history_spec_ok"] = np.asarray(hist.sharding.spec == P(None, "data"))
+        result["history_local_shape"] = np.asarray(hist.addressable_shards[0].data.shape)
     result["num_pairs"] = np.asarray(num_pairs.addressable_shards[0].data)
     result["local_blocks"] = np.asarray(sorted(local_blocks.values()))
     result["n_dev"] = np.asarray(n_dev)

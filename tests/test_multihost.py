@@ -56,14 +56,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_cluster(out: Path) -> dict:
+def _run_cluster(out: Path, mode: str = "slices") -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
     env["JAX_PLATFORMS"] = "cpu"
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(i), str(NUM_PROCESSES), str(port), str(out)],
+            [sys.executable, str(WORKER), str(i), str(NUM_PROCESSES), str(port), str(out), mode],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(NUM_PROCESSES)
@@ -119,3 +119,17 @@ def test_two_processes_match_single_device(tmp_path):
     # The tolerance is far below what a wrong block structure changes.
     other, _ = _single_device(num_blocks=worker.K // 2)
     assert max(np.max(np.abs(other[n] - ref[n])) for n in ("w", "b")) > 1e-3
+
+
+def test_two_processes_fsdp_params_with_leaf_blocks_match_single_device(tmp_path):
+    """Params sharded on their first axis across processes; the state follows them."""
+    result = _run_cluster(tmp_path / "params.npz", mode="fsdp")
+    n_dev = NUM_PROCESSES * DEVICES_PER_PROCESS
+    assert bool(result["history_spec_ok"])
+    m = worker.OPT_KW["memory_size"]
+    assert result["history_local_shape"].tolist() == [m, worker.IN // n_dev, worker.OUT]
+    assert result["num_pairs"].tolist() == [m, m]
+    ref, ref_pairs = _single_device(num_blocks=None)
+    assert ref_pairs.tolist() == result["num_pairs"].tolist()
+    for name in ("w", "b"):
+        np.testing.assert_allclose(result[name], ref[name], rtol=RTOL, atol=ATOL)
