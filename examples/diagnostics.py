@@ -22,11 +22,9 @@ leaf)::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -34,42 +32,17 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlbfgs_optax  # noqa: E402
-from examples import datasets  # noqa: E402
+from examples import common  # noqa: E402
 
 STATS = ("mu", "mu_damped", "tau", "gamma", "num_pairs")
 
 
-class CNN1D(nn.Module):
-    """Two strided 1-D convolutions and a linear classifier."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(32, kernel_size=(5,), strides=(2,))(x[..., None]))
-        x = nn.relu(nn.Conv(32, kernel_size=(3,), strides=(2,))(x))
-        return nn.Dense(10)(x.reshape(x.shape[0], -1))
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-samples", type=int, default=5000,
-                   help="MNIST-1D samples to generate (80%% train, 20%% test)")
-    p.add_argument("--lr", type=float, default=0.2)
-    p.add_argument("--update-period", type=int, default=10)
-    p.add_argument("--beta", type=float, default=0.9)
-    p.add_argument("--sigma-low", type=float, default=0.5)
-    p.add_argument("--sigma-high", type=float, default=1.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="mlbfgs_diagnostics.png", help="plot file ('' for none)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny run for tests: 60 steps, no plot unless --out")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.num_samples = 60, 2000
-        if "--out" not in (argv if argv is not None else sys.argv[1:]):
-            args.out = ""
-    return args
+    p = common.make_parser(
+        __doc__, steps=1500, lr=0.2, out="mlbfgs_diagnostics.png",
+        mlbfgs=("--update-period", "--beta", "--sigma-low", "--sigma-high"),
+        quick="tiny run for tests: 60 steps, no plot unless --out")
+    return common.parse_args(p, argv, steps=60, num_samples=2000)
 
 
 def plot(log, names, args):
@@ -105,8 +78,8 @@ def plot(log, names, args):
 def main(argv=None):
     """Trains and logs the statistics; returns them with initial/final loss."""
     args = parse_args(argv)
-    xtr, ytr, _, _ = datasets.load_mnist1d(args.num_samples, args.seed)
-    model = CNN1D()
+    xtr, ytr, _, _ = common.load_mnist1d(args)
+    model = common.CNN1D()
     params = model.init(jax.random.key(args.seed), xtr[:1])["params"]
     tx = mlbfgs_optax.mlbfgs(
         learning_rate=args.lr, memory_size=10, update_period=args.update_period,
@@ -114,9 +87,7 @@ def main(argv=None):
     )
     opt_state = tx.init(params)
 
-    def loss_fn(p, x, y):
-        logits = model.apply({"params": p}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    loss_fn = common.classification_loss(model)
 
     @jax.jit
     def train_step(p, state, x, y):
@@ -152,10 +123,9 @@ def main(argv=None):
     if args.out:
         plot(log, names, args)
         print(f"plot saved to {args.out}")
-    window = max(1, min(50, args.steps // 10))
     return {
         "initial_loss": float(log["loss"][0]),
-        "final_loss": float(log["loss"][-window:].mean()),
+        "final_loss": common.tail_mean(log["loss"], args.steps),
         "names": names,
         "log": log,
     }

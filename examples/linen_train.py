@@ -16,12 +16,10 @@ MLPs; the 1-D CNN of ``examples/train_mnist1d.py`` reaches about 94%.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,20 +29,7 @@ from flax.training import train_state
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlbfgs_optax  # noqa: E402
-from examples import datasets  # noqa: E402
-
-
-class MLP(nn.Module):
-    """Fully connected ReLU network."""
-
-    hidden: tuple[int, ...] = (128, 128)
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x):
-        for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
-        return nn.Dense(self.num_classes)(x)
+from examples import common  # noqa: E402
 
 
 def create_train_state(model, x_example, tx, seed=0):
@@ -71,32 +56,21 @@ def accuracy(state, x, y):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-samples", type=int, default=5000,
-                   help="MNIST-1D samples to generate (80%% train, 20%% test)")
-    p.add_argument("--lr", type=float, default=0.1, help="learning rate")
-    p.add_argument("--sigma-low", type=float, default=0.5,
-                   help="lower bound on the damped curvature of a pair")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="tiny run for tests (4 epochs, 2000 samples)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.epochs, args.num_samples = 4, 2000
-    return args
+    p = common.make_parser(__doc__, lr=0.1,
+                           quick="tiny run for tests (4 epochs, 2000 samples)")
+    p.add_argument("--epochs", type=int, default=30, help="passes over the training set")
+    return common.parse_args(p, argv, epochs=4, num_samples=2000)
 
 
 def main(argv=None):
     """Trains the MLP; returns initial/final loss, test accuracy and the final state."""
     args = parse_args(argv)
-    xtr, ytr, xte, yte = datasets.load_mnist1d(args.num_samples, args.seed)
+    xtr, ytr, xte, yte = common.load_mnist1d(args)
     tx = mlbfgs_optax.mlbfgs(
         learning_rate=args.lr, memory_size=10, update_period=10, beta=0.9,
         sigma_low=args.sigma_low,
     )
-    state = create_train_state(MLP(), xtr[:1], tx, args.seed)
+    state = create_train_state(common.MLP(), xtr[:1], tx, args.seed)
 
     rng = np.random.default_rng(args.seed)
     steps_per_epoch = len(xtr) // args.batch_size

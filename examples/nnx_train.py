@@ -16,7 +16,6 @@ The model is a small 1-D CNN on MNIST-1D (generated locally, no download).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlbfgs_optax  # noqa: E402
-from examples import datasets  # noqa: E402
+from examples import common  # noqa: E402
 
 
 class CNN1D(nnx.Module):
@@ -71,27 +70,16 @@ def make_optimizer(model, lr, sigma_low=0.5):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-samples", type=int, default=5000,
-                   help="MNIST-1D samples to generate (80%% train, 20%% test)")
-    p.add_argument("--lr", type=float, default=0.2, help="learning rate")
-    p.add_argument("--sigma-low", type=float, default=0.5,
-                   help="lower bound on the damped curvature of a pair")
-    p.add_argument("--log-every", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny run for tests (60 steps)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.num_samples, args.log_every = 60, 2000, 20
-    return args
+    p = common.make_parser(__doc__, steps=2000, lr=0.2,
+                           quick="tiny run for tests (60 steps)")
+    p.add_argument("--log-every", type=int, default=200, help="steps between log lines")
+    return common.parse_args(p, argv, steps=60, num_samples=2000, log_every=20)
 
 
 def main(argv=None):
     """Trains the CNN; returns initial/final loss, test accuracy, model and optimizer."""
     args = parse_args(argv)
-    xtr, ytr, xte, yte = datasets.load_mnist1d(args.num_samples, args.seed)
+    xtr, ytr, xte, yte = common.load_mnist1d(args)
     model = CNN1D(rngs=nnx.Rngs(args.seed))
     optimizer = make_optimizer(model, args.lr, args.sigma_low)
 
@@ -106,12 +94,11 @@ def main(argv=None):
                   f"test acc {float(accuracy(model, xte, yte)):.3f}")
 
     losses = np.asarray(jax.device_get(losses))
-    window = max(1, min(50, args.steps // 10))
     stats = mlbfgs_optax.curvature_stats(optimizer.opt_state)
     print(f"mL-BFGS pairs stored per block: {stats['num_pairs'].tolist()}")
     return {
         "initial_loss": float(losses[0]),
-        "final_loss": float(losses[-window:].mean()),
+        "final_loss": common.tail_mean(losses, args.steps),
         "test_acc": float(accuracy(model, xte, yte)),
         "model": model,
         "optimizer": optimizer,

@@ -29,11 +29,9 @@ mini-batch is skipped and training carries on::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,17 +40,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlbfgs_optax  # noqa: E402
-from examples import datasets  # noqa: E402
-
-
-class CNN1D(nn.Module):
-    """Two strided 1-D convolutions and a linear classifier."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(32, kernel_size=(5,), strides=(2,))(x[..., None]))
-        x = nn.relu(nn.Conv(32, kernel_size=(3,), strides=(2,))(x))
-        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+from examples import common  # noqa: E402
 
 
 def not_bias(params):
@@ -82,41 +70,31 @@ def make_optimizer(args, total_updates):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2000, help="mini-batch steps")
+    p = common.make_parser(__doc__, steps=2000, steps_help="mini-batch steps", batch_size=64,
+                           lr=0.2, lr_help="peak learning rate", mlbfgs=(),
+                           quick="tiny run for tests (120 steps)")
     p.add_argument("--accumulate", type=int, default=2,
                    help="mini-batches per optimizer step (optax.MultiSteps)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-samples", type=int, default=5000,
-                   help="MNIST-1D samples to generate (80%% train, 20%% test)")
-    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
     p.add_argument("--clip", type=float, default=1.0, help="global-norm clipping threshold")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay")
     p.add_argument("--update-period", type=int, default=10,
                    help="accumulated steps per curvature pair")
     p.add_argument("--nan-at", type=int, default=500,
                    help="mini-batch step whose gradient is replaced by NaN (-1: none)")
-    p.add_argument("--log-every", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny run for tests (120 steps)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.num_samples, args.nan_at, args.log_every = 120, 2000, 30, 40
-    return args
+    p.add_argument("--log-every", type=int, default=250, help="steps between log lines")
+    return common.parse_args(p, argv, steps=120, num_samples=2000, nan_at=30, log_every=40)
 
 
 def main(argv=None):
     """Trains with the chain; returns losses, test accuracy and skipped-step counts."""
     args = parse_args(argv)
-    xtr, ytr, xte, yte = datasets.load_mnist1d(args.num_samples, args.seed)
-    model = CNN1D()
+    xtr, ytr, xte, yte = common.load_mnist1d(args)
+    model = common.CNN1D()
     params = model.init(jax.random.key(args.seed), xtr[:1])["params"]
     tx = make_optimizer(args, total_updates=args.steps // args.accumulate)
     opt_state = tx.init(params)
 
-    def loss_fn(p, x, y):
-        logits = model.apply({"params": p}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    loss_fn = common.classification_loss(model)
 
     @jax.jit
     def train_step(p, state, x, y, poison):
@@ -148,10 +126,9 @@ def main(argv=None):
           f"mL-BFGS updates: {int(mlbfgs_state.count)}, "
           f"pairs per block: {mlbfgs_state.num_pairs.tolist()}")
     losses = np.asarray(jax.device_get(losses))
-    window = max(1, min(50, args.steps // 10))
     return {
         "initial_loss": float(losses[0]),
-        "final_loss": float(losses[-window:].mean()),
+        "final_loss": common.tail_mean(losses, args.steps),
         "test_acc": float(accuracy(params)),
         "optimizer_steps": optimizer_steps,
         "skipped_steps": skipped,

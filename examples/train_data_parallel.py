@@ -25,12 +25,10 @@ the communication pattern, not a speed-up.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,55 +39,20 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlbfgs_optax  # noqa: E402
-from examples import datasets  # noqa: E402
-
-
-class MLP(nn.Module):
-    """Two hidden ReLU layers and a linear classifier."""
-
-    hidden: int = 256
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.num_classes)(x)
+from examples import common  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2000, help="training steps")
-    p.add_argument("--batch-size", type=int, default=256,
-                   help="global batch size (a multiple of the device count)")
-    p.add_argument("--num-samples", type=int, default=10000,
-                   help="MNIST-1D samples to generate (80%% train, 20%% test)")
+    p = common.make_parser(
+        __doc__, steps=2000, batch_size=256,
+        batch_help="global batch size (a multiple of the device count)", num_samples=10000,
+        lr=0.1, mlbfgs=("--sigma-low", "--update-period", "--memory-size", "--beta"),
+        quick="tiny run for tests: 60 steps on 2000 samples, hidden width 64")
     p.add_argument("--hidden", type=int, default=256, help="width of the two hidden layers")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init and of the batches")
-    p.add_argument("--lr", type=float, default=0.1, help="mL-BFGS learning rate")
     p.add_argument("--blocks-per-device", type=int, default=2,
                    help="k: EqualSlices(k * n_devices) curvature blocks")
-    p.add_argument("--sigma-low", type=float, default=0.5,
-                   help="lower bound on the damped curvature of a pair")
-    p.add_argument("--update-period", type=int, default=10, help="steps per curvature pair")
-    p.add_argument("--memory-size", type=int, default=10, help="pairs kept per block")
-    p.add_argument("--beta", type=float, default=0.9, help="averaging coefficient")
     p.add_argument("--eval-every", type=int, default=250, help="steps between test evaluations")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny run for tests: 60 steps on 2000 samples, hidden width 64")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.num_samples, args.hidden, args.eval_every = 60, 2000, 64, 30
-    return args
-
-
-def state_bytes_per_device(tree) -> dict:
-    """Bytes of ``tree``'s arrays stored on each device (from the shards)."""
-    per_dev: dict = {}
-    for x in jax.tree.leaves(tree):
-        for shard in x.addressable_shards:
-            per_dev[shard.device] = per_dev.get(shard.device, 0) + shard.data.nbytes
-    return per_dev
+    return common.parse_args(p, argv, steps=60, num_samples=2000, hidden=64, eval_every=30)
 
 
 def main(argv=None):
@@ -104,10 +67,10 @@ def main(argv=None):
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
 
-    xtr, ytr, xte, yte = datasets.load_mnist1d(num_samples=args.num_samples, seed=args.seed)
-    model = MLP(hidden=args.hidden)
+    xtr, ytr, xte, yte = common.load_mnist1d(args)
+    model = common.MLP(hidden=(args.hidden, args.hidden))
     params = model.init(jax.random.key(args.seed), xtr[:1])["params"]
-    num_params = sum(x.size for x in jax.tree.leaves(params))
+    num_params = common.num_params(params)
     num_blocks = args.blocks_per_device * n_dev
     hyper = dict(memory_size=args.memory_size, update_period=args.update_period,
                  beta=args.beta, sigma_low=args.sigma_low)
@@ -121,19 +84,15 @@ def main(argv=None):
     params = jax.device_put(params, replicated)
     with jax.set_mesh(mesh):
         opt_state = tx.init(params)  # created sharded: no device holds all blocks
-    per_dev = state_bytes_per_device(opt_state)
+    per_dev = common.bytes_per_device(opt_state)  # {device id: bytes}
     unsharded = mlbfgs_optax.mlbfgs(args.lr, blocks=mlbfgs_optax.EqualSlices(num_blocks),
                                     **hyper)
-    single = sum(x.size * x.dtype.itemsize
-                 for x in jax.tree.leaves(jax.eval_shape(unsharded.init, params)))
+    single = common.tree_bytes(jax.eval_shape(unsharded.init, params))
     print(f"optimizer state: {max(per_dev.values()):,} bytes per device on {len(per_dev)} "
           f"device(s) vs {single:,} bytes on one device ({single / max(per_dev.values()):.2f}x "
           "less)")
 
-    def loss_fn(p, x, y):
-        logits = model.apply({"params": p}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
+    loss_fn = common.classification_loss(model)
     state_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
 
     @jax.jit
@@ -181,16 +140,15 @@ def main(argv=None):
     end = time.perf_counter()
 
     mstate = mlbfgs_optax.find_mlbfgs_state(opt_state)
-    window = max(1, min(50, args.steps // 10))
     result = {
         "n_devices": n_dev,
         "num_params": int(num_params),
         "num_blocks": num_blocks,
         "state_bytes_per_device": max(per_dev.values()),
         "state_bytes_single_device": int(single),
-        "state_bytes_by_device": {str(d): b for d, b in per_dev.items()},
+        "state_bytes_by_device": per_dev,
         "initial_loss": losses[0],
-        "final_loss": float(np.mean(losses[-window:])),
+        "final_loss": common.tail_mean(losses, args.steps),
         "train_loss": np.asarray(losses),
         "eval_steps": [e[0] for e in evals],
         "test_loss": evals[-1][1],

@@ -19,12 +19,10 @@ pair's ``s`` the direction can grow by up to ``1 / sigma_low``: this script uses
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,50 +32,20 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlbfgs_optax  # noqa: E402
-from examples import datasets  # noqa: E402
-
-
-class CNN1D(nn.Module):
-    """Two strided 1-D convolutions and a linear classifier (6506 parameters)."""
-
-    channels: int = 32
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x):
-        x = x[..., None]  # (batch, 40) -> (batch, 40, 1): one input channel
-        x = nn.relu(nn.Conv(self.channels, kernel_size=(5,), strides=(2,))(x))
-        x = nn.relu(nn.Conv(self.channels, kernel_size=(3,), strides=(2,))(x))
-        x = x.reshape(x.shape[0], -1)
-        return nn.Dense(self.num_classes)(x)
+from examples import common  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=3000, help="training steps per optimizer")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-samples", type=int, default=10000,
-                   help="MNIST-1D samples to generate (80%% train, 20%% test)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init and of the batches")
-    p.add_argument("--lr", type=float, default=0.2, help="mL-BFGS learning rate")
-    p.add_argument("--sigma-low", type=float, default=0.5,
-                   help="mL-BFGS lower bound on the damped curvature of a pair")
-    p.add_argument("--update-period", type=int, default=10, help="mL-BFGS steps per pair")
-    p.add_argument("--memory-size", type=int, default=10, help="mL-BFGS pairs per block")
-    p.add_argument("--beta", type=float, default=0.9, help="mL-BFGS averaging coefficient")
+    p = common.make_parser(
+        __doc__, steps=3000, steps_help="training steps per optimizer", num_samples=10000,
+        lr=0.2, out="mnist1d_mlbfgs_vs_adamw.png",
+        mlbfgs=("--sigma-low", "--update-period", "--memory-size", "--beta"),
+        quick="tiny run for tests: 60 steps on 2000 samples, no plot unless --out")
     p.add_argument("--adamw-lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4,
                    help="AdamW decoupled weight decay")
     p.add_argument("--eval-every", type=int, default=100, help="steps between test evaluations")
-    p.add_argument("--out", default="mnist1d_mlbfgs_vs_adamw.png", help="plot file ('' for none)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny run for tests: 60 steps on 2000 samples, no plot unless --out")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.num_samples, args.eval_every = 60, 2000, 20
-        if "--out" not in (argv if argv is not None else sys.argv[1:]):
-            args.out = ""
-    return args
+    return common.parse_args(p, argv, steps=60, num_samples=2000, eval_every=20)
 
 
 def make_optimizers(args):
@@ -97,10 +65,7 @@ def make_optimizers(args):
 def train(model, tx, params, data, args, name):
     """Trains ``params`` with ``tx``; returns the logged curves and timings."""
     xtr, ytr, xte, yte = data
-
-    def loss_fn(p, x, y):
-        logits = model.apply({"params": p}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    loss_fn = common.classification_loss(model)
 
     @jax.jit
     def train_step(p, opt_state, x, y):
@@ -179,10 +144,10 @@ def plot(results, path):
 def main(argv=None):
     """Runs the comparison; returns ``{optimizer name: results dict}``."""
     args = parse_args(argv)
-    data = datasets.load_mnist1d(num_samples=args.num_samples, seed=args.seed)
-    model = CNN1D()
+    data = common.load_mnist1d(args)
+    model = common.CNN1D()
     params = model.init(jax.random.key(args.seed), data[0][:1])["params"]
-    num_params = sum(x.size for x in jax.tree.leaves(params))
+    num_params = common.num_params(params)
     print(f"MNIST-1D: {len(data[0])} train / {len(data[2])} test samples; "
           f"CNN with {num_params} parameters; {args.steps} steps of batch {args.batch_size}")
 
@@ -190,8 +155,7 @@ def main(argv=None):
     for name, tx in make_optimizers(args).items():
         r = train(model, tx, params, data, args, name)
         r["initial_loss"] = float(r["train_loss"][0])
-        window = max(1, min(50, args.steps // 10))
-        r["final_loss"] = float(r["train_loss"][-window:].mean())
+        r["final_loss"] = common.tail_mean(r["train_loss"], args.steps)
         results[name] = r
 
     print(f"\n{'optimizer':<10} {'test acc':>9} {'test loss':>10} {'train loss':>11} "

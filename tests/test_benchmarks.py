@@ -23,7 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    # optax's and kfac-jax's internals are not written for rank_promotion="raise".
+    # optax's internals are not written for rank_promotion="raise".
     with jax.numpy_rank_promotion("allow"):
         results = run.main(["--quick", "--tasks", "mnist1d_mlp", "logreg", "--out", str(out)])
     return out, results

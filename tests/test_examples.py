@@ -15,9 +15,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from examples import diagnostics, linen_train, nnx_train, optax_chain, train_mnist1d  # noqa: E402
-
 import mlbfgs_optax  # noqa: E402
+from examples import (  # noqa: E402
+    common,
+    diagnostics,
+    linen_train,
+    nnx_train,
+    optax_chain,
+    train_mnist1d,
+)
 
 
 def _assert_decreased(result):
@@ -125,3 +131,15 @@ def test_nnx_optimizer_jit_donation():
     assert np.asarray(mstate.num_pairs[...]).tolist() == [2] * 6
 
 
+def test_common_options_quick_and_out():
+    p = common.make_parser("An example.\n\nMore.", lr=0.1, steps=100, out="x.png", quick="q",
+                           mlbfgs=("--sigma-low", "--beta"))
+    p.add_argument("--eval-every", type=int, default=10)
+    a = common.parse_args(p, [], steps=5, eval_every=1)
+    assert (a.steps, a.eval_every, a.out, a.lr, a.sigma_low, a.beta) == (
+        100, 10, "x.png", 0.1, 0.5, 0.9)
+    a = common.parse_args(p, ["--quick"], steps=5, eval_every=1)
+    assert (a.steps, a.eval_every, a.out) == (5, 1, "")  # no plot unless --out is given
+    assert common.parse_args(p, ["--quick", "--out", "y.png"], steps=5).out == "y.png"
+    assert common.parse_args(p, ["--quick", "--out=y.png"], steps=5).out == "y.png"
+    assert p.description == "An example."

@@ -47,9 +47,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -66,6 +64,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlbfgs_optax  # noqa: E402
+from examples.benchmarks import harness  # noqa: E402
+from examples.common import bytes_per_device  # noqa: E402
 
 NUM_BLOCKS = 16
 # Three dense layers with biases: 2048x2048, 2048x2048, 2048x768 -> 9,966,336 parameters.
@@ -79,13 +79,6 @@ _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<type>\([^=]*?\)|\S+)\s+"
                     r"(?P<op>[\w\-]+)\((?P<args>[^)]*)\)(?P<rest>.*)$")
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
-
-
-def make_params(layers=LAYERS):
-    keys = jax.random.split(jax.random.key(0), len(layers))
-    return {f"dense{i}": {"w": jax.random.normal(k, s, jnp.float32) * 0.02,
-                          "b": jnp.zeros((s[1],), jnp.float32)}
-            for i, (k, s) in enumerate(zip(keys, layers))}
 
 
 def _type_bytes(type_str: str) -> int:
@@ -144,14 +137,6 @@ def hlo_communication(hlo: str, num_devices: int) -> dict:
             "bytes_sent_per_device": sum(c["bytes_sent_per_device"] for c in found)}
 
 
-def bytes_per_device(tree) -> dict:
-    per_dev: dict = {}
-    for x in jax.tree.leaves(tree):
-        for shard in x.addressable_shards:
-            per_dev[shard.device.id] = per_dev.get(shard.device.id, 0) + shard.data.nbytes
-    return per_dev
-
-
 def measure(n: int, params, repeats: int, memory_size: int) -> dict:
     mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
     kw = dict(memory_size=memory_size, blocks=mlbfgs_optax.EqualSlices(NUM_BLOCKS),
@@ -195,22 +180,6 @@ def measure(n: int, params, repeats: int, memory_size: int) -> dict:
     }
 
 
-def library_version() -> str:
-    """The library's git commit (``+dirty`` with uncommitted changes), or 'unknown'."""
-    import subprocess
-
-    root = Path(mlbfgs_optax.__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                                capture_output=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "mlbfgs_optax"], cwd=root,
-                               text=True, capture_output=True, check=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
 def markdown(r: dict) -> str:
     base = r["rows"][0]["state_bytes_per_device_max"]
     lines = [
@@ -220,7 +189,7 @@ def markdown(r: dict) -> str:
         f"`scale_by_mlbfgs(blocks=EqualSlices({r['num_blocks']}), mesh=mesh, "
         f"axis_name='data')`, library defaults (memory {r['memory_size']}, update period "
         f"{r['update_period']}). One process, {r['machine']}; N = sub-mesh of the first N "
-        f"fake CPU devices. Library commit {r['library_commit']}, jax {r['jax']}, "
+        f"fake CPU devices. Library: {r['library']}, jax {r['jax']}, "
         f"optax {r['optax']}. 1-minute load average "
         f"before / after: {r['load_average_1min_before_after'][0]:.1f} / "
         f"{r['load_average_1min_before_after'][1]:.1f} (shared machine: times are noisy).",
@@ -268,7 +237,7 @@ def markdown(r: dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.path.join("examples", "benchmarks", "results"))
+    p.add_argument("--out", default=harness.DEFAULT_OUT)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--memory-size", type=int, default=10)
     p.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
@@ -283,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     layers = LAYERS
     if args.quick:
         layers, args.repeats = ((256, 256), (256, 256)), 2
-    params = make_params(layers)
+    params = harness.dense_params(layers)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     rows = []
     load_before = os.getloadavg()[0]
@@ -302,11 +271,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "memory_size": args.memory_size,
         "update_period": 10,
         "repeats": args.repeats,
-        "library_commit": library_version(),
+        "library": harness.library_version(),
         "jax": jax.__version__,
         "optax": optax.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                   f"{jax.devices()[0].platform}",
+        "machine": harness.machine(),
         "mode": "one process, 8 fake CPU devices, sub-mesh of the first N",
         "grad_allreduce_formula": "n_params * 4 bytes * 2 (N-1) / N",
         "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
@@ -314,11 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     }
     md = markdown(result)
     if not args.quick or "--out" in (argv if argv is not None else sys.argv[1:]):
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "distributed.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(args.out, "distributed.md"), "w") as f:
-            f.write(md)
+        harness.write_report(args.out, "distributed", result, md)
     print(md)
     return result
 

@@ -8,7 +8,11 @@ each), never compilation or evaluation.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import platform
+import subprocess
 import time
 from typing import Any, Callable
 
@@ -17,7 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import mlbfgs_optax
 from examples.benchmarks.tasks import Task
+from examples.common import tree_bytes
+
+DEFAULT_OUT = os.path.join("examples", "benchmarks", "results")
 
 
 def cosine(lr, total_steps):
@@ -147,11 +155,6 @@ def summarize(task: Task, hist, chunk_times, steps_per_chunk, diverged):
 # ----------------------------------------------------------------------------- update-only
 
 
-def tree_bytes(tree) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
-                   if hasattr(x, "dtype")))
-
-
 def time_update(tx: optax.GradientTransformation, params, repeats: int = 20,
                 donate: bool = True) -> dict[str, float]:
     """Median seconds of the jitted ``tx.update(g, state, params)`` alone.
@@ -231,3 +234,48 @@ def measure_bandwidth(num_floats: int = 1 << 24, repeats: int = 10) -> float:
         y.block_until_ready()
         times.append(time.perf_counter() - t0)
     return 12.0 * num_floats / float(np.median(times))
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def library_version() -> str:
+    """``mlbfgs_optax <version> @ <commit>``, `` (modified)`` when ``mlbfgs_optax/`` has
+    uncommitted changes; ``mlbfgs_optax <version>`` where git cannot tell."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mlbfgs_optax.__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "mlbfgs_optax"],
+                               capture_output=True, text=True, check=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"mlbfgs_optax {mlbfgs_optax.__version__}"
+    return f"mlbfgs_optax {mlbfgs_optax.__version__} @ {head}" + (" (modified)" if dirty else "")
+
+
+def machine() -> str:
+    """The machine, for the reports: architecture, CPU cores and jax's platform."""
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}"
+
+
+def dense_params(layers) -> dict:
+    """Float32 dense layers ``{"dense<i>": {"w": (n_in, n_out), "b": (n_out,)}}``.
+
+    ``w`` is normal with standard deviation 0.02 (from ``jax.random.key(0)``), ``b`` zero:
+    a stand-in pytree for timing optimizer updates.
+    """
+    keys = jax.random.split(jax.random.key(0), len(layers))
+    return {f"dense{i}": {"w": jax.random.normal(k, s, jnp.float32) * 0.02,
+                          "b": jnp.zeros((s[1],), jnp.float32)}
+            for i, (k, s) in enumerate(zip(keys, layers))}
+
+
+def write_report(out_dir: str, stem: str, result: dict, md: str) -> None:
+    """Writes ``<stem>.json`` (``result``) and ``<stem>.md`` (``md``) into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(md)

@@ -28,9 +28,6 @@ over repeats is the cost of an ordinary step. The pair step is timed separately.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 from typing import Optional, Sequence
 
 import jax
@@ -46,10 +43,7 @@ LAYERS = ((1024, 1024), (1024, 1024), (1024, 1024), (1024, 1024))
 
 def make_params():
     """Four 1024x1024 dense layers with biases: 4,198,400 float32 parameters."""
-    keys = jax.random.split(jax.random.key(0), len(LAYERS))
-    return {f"dense{i}": {"w": jax.random.normal(k, s, jnp.float32) * 0.02,
-                          "b": jnp.zeros((s[1],), jnp.float32)}
-            for i, (k, s) in enumerate(zip(keys, LAYERS))}
+    return harness.dense_params(LAYERS)
 
 
 def _direction_kwargs(memory_size):
@@ -80,11 +74,10 @@ def time_pair_step(tx, params, repeats):
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.path.join("examples", "benchmarks", "results"))
+    p.add_argument("--out", default=harness.DEFAULT_OUT)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
 
     params = make_params()
     n = sum(x.size for x in jax.tree.leaves(params))
@@ -136,16 +129,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     result = {"num_params": int(n), "leaves": [list(s) for s in LAYERS],
               "bandwidth_GBps": bandwidth / 1e9, "jax": jax.__version__,
               "optax": optax.__version__,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                         f"{jax.devices()[0].platform}",
+              "machine": harness.machine(),
               "repeats": args.repeats, "rounds": args.rounds, "update_period": T, "rows": rows,
               "memory_scaling": scaling, "pair_step_ms_M10": pair_ms,
               "history_dtype": dtypes}
     md = markdown(result)
-    with open(os.path.join(args.out, "optimizer_overhead.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "optimizer_overhead.md"), "w") as f:
-        f.write(md)
+    harness.write_report(args.out, "optimizer_overhead", result, md)
     print(md)
     return result
 

@@ -1,4 +1,4 @@
-"""Benchmark suite: mL-BFGS against SGD, AdamW, optax L-BFGS, Muon and K-FAC.
+"""Benchmark suite: mL-BFGS against SGD, AdamW, optax L-BFGS and Muon.
 
 Run from the repository root::
 
@@ -19,10 +19,8 @@ All runs use cosine decay from the peak lr to 0. See README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -32,12 +30,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from examples.benchmarks import harness, kfac_runner
+from examples.benchmarks import harness
 from examples.benchmarks.optimizers import SPECS, OptSpec
 from examples.benchmarks.tasks import TASK_NAMES, Task, default_tasks, make_task
-
-KFAC_TASKS = ("mnist1d_mlp",)
-DEFAULT_OUT = os.path.join("examples", "benchmarks", "results")
 
 
 QUICK_SPECS = ("sgd", "muon", "mlbfgs_default", "mlbfgs_authors", "nsgdm", "abl_beta0")
@@ -62,12 +57,10 @@ def _grid(task: Task, spec: OptSpec, quick: bool) -> list[float]:
     return [float(f"{lr * scale:.3g}") for lr in (spec.quick_grid if quick else spec.grid)]
 
 
-def _plan(task: Task, specs, seeds: int, quick: bool, kfac: bool) -> int:
+def _plan(task: Task, specs, seeds: int, quick: bool) -> int:
     n = 0
     for s in specs:
         n += seeds if s.ablation_of else len(_grid(task, s, quick)) + seeds - 1
-    if kfac:
-        n += seeds
     return n
 
 
@@ -148,24 +141,6 @@ def run_task(task: Task, specs, args, bar, bandwidth) -> dict[str, Any]:
             "floor_seconds": floor,
             "update_over_floor": upd["seconds"] / floor,
         }
-    if args.kfac and task.name in KFAC_TASKS:
-        reason = kfac_runner.available()
-        if reason is None:
-            bar.set_description(f"{task.name}: kfac")
-            trainer = kfac_runner.KfacTrainer(task, steps, eval_every)
-            runs = []
-            for seed in range(args.seeds):
-                r = trainer.run(seed)
-                r.update(optimizer="kfac", lr=None, seed=seed, phase="seeds")
-                result["runs"].append(r)
-                runs.append(r)
-                bar.update(1)
-            by_spec["kfac"] = runs
-            result["best_lr"]["kfac"] = None
-            result["kfac_version"] = kfac_runner.version()
-        else:
-            result["kfac_error"] = reason
-            bar.update(args.seeds)
     for name, runs in by_spec.items():
         result["summary"][name] = _aggregate(task, runs)
     sgd = result["summary"].get("sgd")
@@ -183,7 +158,6 @@ def _fmt(v, spec="{:.3g}", none="–"):
 
 
 LABELS = {s.name: s.label for s in SPECS}
-LABELS["kfac"] = "K-FAC (kfac-jax, adaptive lr/momentum/damping)"
 
 
 def markdown(results: dict) -> str:
@@ -224,7 +198,7 @@ def markdown(results: dict) -> str:
             n = len(s["seeds"])
             reached = "" if s["reached"] == n else f" ({s['reached']}/{n} reached)"
             lines.append(
-                f"| {opt} | {_fmt(s['lr'], '{:g}', 'adaptive')} | {fin}"
+                f"| {opt} | {_fmt(s['lr'], '{:g}')} | {fin}"
                 f"{' (' + str(s['diverged']) + ' diverged)' if s['diverged'] else ''} | "
                 f"{_fmt(s['steps_to_target_median'], '{:.0f}')}{reached} | "
                 f"{_fmt(s['seconds_to_target_median'], '{:.2f}')} | "
@@ -232,8 +206,6 @@ def markdown(results: dict) -> str:
                 f"{_fmt(u and u['update_seconds'] * 1e3, '{:.3f}')} | "
                 f"{_fmt(u and u['state_bytes_per_param'], '{:.1f}')} | "
                 f"{_fmt(u and u['update_over_floor'], '{:.1f}')} |")
-        if "kfac_error" in t:
-            lines += ["", f"K-FAC not run: {t['kfac_error']}"]
         lines.append("")
     lines += [
         "## Notes",
@@ -342,23 +314,6 @@ def _jsonable(x):
     return x
 
 
-def _library_version() -> str:
-    """The git commit of the mlbfgs_optax sources in use (and whether they are modified)."""
-    import subprocess
-
-    import mlbfgs_optax
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mlbfgs_optax.__file__)))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "mlbfgs_optax"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return f"mlbfgs_optax {mlbfgs_optax.__version__}"
-    return f"mlbfgs_optax {mlbfgs_optax.__version__} @ {head}" + (" (modified)" if dirty else "")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -366,16 +321,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--tasks", nargs="+", default=None, choices=TASK_NAMES,
                    help=f"default: all ({', '.join(TASK_NAMES)}); with --quick: "
                         f"{', '.join(QUICK_TASKS)}")
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--out", default=harness.DEFAULT_OUT)
     p.add_argument("--seeds", type=int, default=None, help="default 3 (1 with --quick)")
-    p.add_argument("--kfac", choices=("auto", "on", "off"), default="auto",
-                   help="K-FAC on mnist1d_mlp: auto = on in the full run, off with --quick")
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
     if args.tasks is None:
         args.tasks = list(QUICK_TASKS if args.quick else default_tasks())
-    args.kfac = args.kfac == "on" or (args.kfac == "auto" and not args.quick)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
     bandwidth = harness.measure_bandwidth()
@@ -387,14 +339,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             if not args.quick:
                 raise
             print(f"note: skipping {name} in --quick mode: {e}", file=sys.stderr)
-    total = sum(_plan(t, _specs_for(t, args.quick), args.seeds, args.quick,
-                      args.kfac and t.name in KFAC_TASKS) for t in tasks.values())
+    total = sum(_plan(t, _specs_for(t, args.quick), args.seeds, args.quick)
+                for t in tasks.values())
     results = {
         "config": {"quick": args.quick, "seeds": args.seeds, "tasks": args.tasks,
                    "jax": jax.__version__, "optax": optax.__version__,
-                   "library": _library_version(),
-                   "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                              f"{jax.devices()[0].platform}",
+                   "library": harness.library_version(),
+                   "machine": harness.machine(),
                    "grids": {s.name: list(s.quick_grid if args.quick else s.grid)
                              for s in SPECS if not s.ablation_of}},
         "bandwidth_GBps": bandwidth / 1e9,
@@ -411,11 +362,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                               bandwidth)
     results["wall_seconds"] = time.perf_counter() - t_start
     results = _jsonable(results)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
     md = markdown(results)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md)
+    harness.write_report(args.out, "results", results, md)
     results["plots"] = plot(results, args.out)
     print(md)
     return results
