@@ -303,8 +303,14 @@ def test_tree_map_params(case):
     assert_trees_close(mapped, state, rtol=0.0)
 
 
+_KNOWN_TO_FAIL = pytest.mark.xfail(
+    strict=True, reason="issue 10: with the defaults, deterministic Rosenbrock from (0, 0) "
+    "diverges at lr 1e-2 (strict: this fails loudly once it converges)")
+
+
 @by_optimizer
-@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("target", [t if t != "rosenbrock" else pytest.param(t, marks=_KNOWN_TO_FAIL)
+                                    for t in TARGETS])
 def test_converges(case, target):
     opt = case.make(CONTRIB_LR)
     start, minimiser, objective = TARGETS[target](jnp.float32)
