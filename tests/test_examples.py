@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -143,3 +144,15 @@ def test_common_options_quick_and_out():
     assert common.parse_args(p, ["--quick", "--out", "y.png"], steps=5).out == "y.png"
     assert common.parse_args(p, ["--quick", "--out=y.png"], steps=5).out == "y.png"
     assert p.description == "An example."
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_train_fsdp_quick_state_follows_the_params():
+    from examples import train_fsdp
+
+    r = train_fsdp.main(["--quick"])
+    assert r["n_devices"] == 8
+    assert r["history_spec"] == jax.sharding.PartitionSpec(None, "fsdp")
+    # Weights and biases of width 64/40 split 8 ways; the 10-wide head stays whole.
+    assert r["state_bytes_per_device"] < r["state_bytes_single_device"] / 5
+    assert r["final_loss"] < r["initial_loss"]
