@@ -152,7 +152,7 @@ def test_train_fsdp_quick_state_follows_the_params():
 
     r = train_fsdp.main(["--quick"])
     assert r["n_devices"] == 8
-    assert r["history_spec"] == jax.sharding.PartitionSpec(None, "fsdp")
+    assert tuple(r["history_spec"])[:2] == (None, "fsdp")
     # Weights and biases of width 64/40 split 8 ways; the 10-wide head stays whole.
     assert r["state_bytes_per_device"] < r["state_bytes_single_device"] / 5
     assert r["final_loss"] < r["initial_loss"]
