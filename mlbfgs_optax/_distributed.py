@@ -57,10 +57,11 @@ Step = Callable[..., tuple[list, ScaleByMLBFGSState]]
 def param_sharding(x) -> Optional[jax.sharding.Sharding]:
     """The sharding a parameter leaf carries, when there is one to follow.
 
-    A concrete array's (or ``ShapeDtypeStruct``'s) ``NamedSharding`` or
-    ``SingleDeviceSharding``; under ``jax.jit`` the sharding in the leaf's type,
-    which only Explicit mesh axes put there. None otherwise (GSPMD then places
-    the state, as it places everything else in an Auto program).
+    A concrete array's (or ``ShapeDtypeStruct``'s) ``NamedSharding``; under
+    ``jax.jit`` the sharding in the leaf's type, which only Explicit mesh axes
+    put there. None otherwise: one device (the state stays uncommitted, as
+    ``jnp.zeros`` makes it, so jit may place it), or GSPMD placing an Auto
+    program.
     """
     if isinstance(x, jax.core.Tracer):
         s = jax.typeof(x).sharding
@@ -69,7 +70,7 @@ def param_sharding(x) -> Optional[jax.sharding.Sharding]:
             for n in jax.tree.leaves(tuple(s.spec)))
         return s if explicit else None
     s = getattr(x, "sharding", None)
-    return s if isinstance(s, (NamedSharding, jax.sharding.SingleDeviceSharding)) else None
+    return s if isinstance(s, NamedSharding) else None
 
 
 def zeros_like_param(x, shape: tuple, dtype) -> jax.Array:

@@ -96,15 +96,18 @@ def _bytes_per_device(tree):
 
 
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
-@pytest.mark.parametrize("normalize", [False, True])
-def test_gspmd_matches_single_device(axis_type, normalize):
+@pytest.mark.parametrize("normalize,set_mesh,jit_init", [
+    (False, True, False), (True, True, True), (False, False, True), (True, False, False)])
+def test_gspmd_matches_single_device(axis_type, normalize, set_mesh, jit_init):
+    """ZeRO: replicated params, EqualSlices state sharded over the data axis."""
     with jax.enable_x64(True):
         mesh = jax.make_mesh((N_DEV,), ("data",),
                              axis_types=(getattr(jax.sharding.AxisType, axis_type),))
         params, grad = _problem()
         opt = mlbfgs_optax.mlbfgs(0.1, normalize=normalize, mesh=mesh, axis_name="data", **KW)
-        with jax.set_mesh(mesh):
-            state0 = opt.init(params)
+        with (jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext()):
+            state0 = jax.jit(opt.init)(params) if jit_init else opt.init(params)
+            assert state0[0].s_history[0].sharding.spec == P(None, "data")
             p, state = _run(opt, params, grad, state=state0)
         _assert_same(p, _reference(normalize))
         # No resharding between steps: same shardings and dtypes as after init.
