@@ -194,12 +194,14 @@ class OverMesh(Placement):
     axis_name: str
 
     def init(self, layout, zeros, params=None):
-        abstract = jax.eval_shape(lambda: zeros(layout, None))
-        shardings = jax.tree.map(lambda spec: NamedSharding(self.mesh, spec),
-                                 state_specs(abstract, self.axis_name))
+        specs = state_specs(jax.eval_shape(lambda: zeros(layout, None)), self.axis_name)
+        shardings = jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
+                                 is_leaf=lambda x: isinstance(x, PartitionSpec))
         # Every array is created already sharded: no device ever holds the whole
-        # history.
-        return jax.jit(lambda: zeros(layout, None), out_shardings=shardings)()
+        # history. Under Explicit axes the sharding is part of the type, which a
+        # nested jit's out_shardings alone does not set inside an outer trace.
+        make = lambda: constrain(zeros(layout, None), specs, self.mesh)
+        return jax.jit(make, out_shardings=shardings)()
 
     def run(self, step, layout, g, theta, state, finite):
         k_local = layout.num_blocks // self.mesh.shape[self.axis_name]
