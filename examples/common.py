@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 import optax
 
+import mlbfgs_optax
 from examples import datasets
 
 # ----------------------------------------------------------------------------- models
@@ -109,12 +111,16 @@ def bytes_per_device(tree) -> dict[int, int]:
 # ----------------------------------------------------------------------------- options
 
 # mL-BFGS hyperparameters an example may expose: flag -> (type, default, help).
+_DEFAULTS = {k: v.default for k, v in inspect.signature(mlbfgs_optax.mlbfgs).parameters.items()}
+#: The mL-BFGS flags an example may take, with the library's defaults.
 MLBFGS_OPTIONS = {
-    "--update-period": (int, 10, "mL-BFGS steps per curvature pair"),
-    "--memory-size": (int, 10, "mL-BFGS pairs kept per block"),
-    "--beta": (float, 0.9, "mL-BFGS averaging coefficient"),
-    "--sigma-low": (float, 0.5, "mL-BFGS lower bound on the damped curvature of a pair"),
-    "--sigma-high": (float, 1.5, "mL-BFGS upper bound on the damped curvature of a pair"),
+    "--update-period": (int, _DEFAULTS["update_period"], "mL-BFGS steps per curvature pair"),
+    "--memory-size": (int, _DEFAULTS["memory_size"], "mL-BFGS pairs kept per block"),
+    "--beta": (float, _DEFAULTS["beta"], "mL-BFGS averaging coefficient"),
+    "--sigma-low": (float, _DEFAULTS["sigma_low"],
+                    "mL-BFGS lower bound on the damped curvature of a pair"),
+    "--sigma-high": (float, _DEFAULTS["sigma_high"],
+                     "mL-BFGS upper bound on the damped curvature of a pair"),
 }
 
 

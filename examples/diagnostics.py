@@ -39,7 +39,7 @@ STATS = ("mu", "mu_damped", "tau", "gamma", "num_pairs")
 
 def parse_args(argv=None):
     p = common.make_parser(
-        __doc__, steps=1500, lr=0.2, out="mlbfgs_diagnostics.png",
+        __doc__, steps=1500, lr=1e-2, out="mlbfgs_diagnostics.png",
         mlbfgs=("--update-period", "--beta", "--sigma-low", "--sigma-high"),
         quick="tiny run for tests: 60 steps, no plot unless --out")
     return common.parse_args(p, argv, steps=60, num_samples=2000)

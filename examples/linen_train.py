@@ -6,7 +6,7 @@ like any optax optimizer. The train step is jitted with the state donated
 (``donate_argnums=0``), so the mL-BFGS history is updated in place::
 
     python examples/linen_train.py
-    python examples/linen_train.py --epochs 20 --lr 0.1
+    python examples/linen_train.py --epochs 20 --lr 0.01
     python examples/linen_train.py --quick
 
 The model is an MLP on MNIST-1D (generated locally, no download). With the
@@ -56,7 +56,7 @@ def accuracy(state, x, y):
 
 
 def parse_args(argv=None):
-    p = common.make_parser(__doc__, lr=0.1,
+    p = common.make_parser(__doc__, lr=1e-2,
                            quick="tiny run for tests (4 epochs, 2000 samples)")
     p.add_argument("--epochs", type=int, default=30, help="passes over the training set")
     return common.parse_args(p, argv, epochs=4, num_samples=2000)

@@ -8,7 +8,7 @@ which is what :func:`mlbfgs_optax.mlbfgs` needs. The train step is an
 buffers donated (``donate_argnums``) so that XLA can reuse them::
 
     python examples/nnx_train.py
-    python examples/nnx_train.py --steps 3000 --lr 0.1
+    python examples/nnx_train.py --steps 3000 --lr 0.01
     python examples/nnx_train.py --quick
 
 The model is a small 1-D CNN on MNIST-1D (generated locally, no download).
@@ -70,7 +70,7 @@ def make_optimizer(model, lr, sigma_low=0.5):
 
 
 def parse_args(argv=None):
-    p = common.make_parser(__doc__, steps=2000, lr=0.2,
+    p = common.make_parser(__doc__, steps=2000, lr=1e-2,
                            quick="tiny run for tests (60 steps)")
     p.add_argument("--log-every", type=int, default=200, help="steps between log lines")
     return common.parse_args(p, argv, steps=60, num_samples=2000, log_every=20)

@@ -61,7 +61,8 @@ def make_optimizer(args, total_updates):
         optax.clip_by_global_norm(args.clip),
         optax.add_decayed_weights(args.weight_decay, mask=not_bias),
         mlbfgs_optax.scale_by_mlbfgs(
-            memory_size=10, update_period=args.update_period, beta=0.9, sigma_low=0.5
+            memory_size=10, update_period=args.update_period, beta=0.9,
+            learning_rate=schedule,  # the pairs are measured in units of the step
         ),
         optax.scale_by_learning_rate(schedule),
     )
@@ -71,7 +72,7 @@ def make_optimizer(args, total_updates):
 
 def parse_args(argv=None):
     p = common.make_parser(__doc__, steps=2000, steps_help="mini-batch steps", batch_size=64,
-                           lr=0.2, lr_help="peak learning rate", mlbfgs=(),
+                           lr=1e-2, lr_help="peak learning rate", mlbfgs=(),
                            quick="tiny run for tests (120 steps)")
     p.add_argument("--accumulate", type=int, default=2,
                    help="mini-batches per optimizer step (optax.MultiSteps)")

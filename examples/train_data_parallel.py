@@ -6,7 +6,7 @@ parameters are replicated, and ``jax.jit`` (GSPMD) turns the gradient into an
 all-reduce. The optimizer is::
 
     mlbfgs_optax.mlbfgs(lr, blocks=mlbfgs_optax.EqualSlices(k * n_devices),
-                        mesh=mesh, axis_name="data", sigma_low=0.5, ...)
+                        mesh=mesh, axis_name="data", ...)
 
 so the flattened parameters are cut into ``k * n_devices`` equal blocks and
 each device stores the averages, snapshots and curvature history of only its
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p = common.make_parser(
         __doc__, steps=2000, batch_size=256,
         batch_help="global batch size (a multiple of the device count)", num_samples=10000,
-        lr=0.1, mlbfgs=("--sigma-low", "--update-period", "--memory-size", "--beta"),
+        lr=1e-2, mlbfgs=("--sigma-low", "--update-period", "--memory-size", "--beta"),
         quick="tiny run for tests: 60 steps on 2000 samples, hidden width 64")
     p.add_argument("--hidden", type=int, default=256, help="width of the two hidden layers")
     p.add_argument("--blocks-per-device", type=int, default=2,

@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p = common.make_parser(
         __doc__, steps=1500, batch_size=256,
         batch_help="global batch size (a multiple of the device count)", num_samples=10000,
-        lr=0.1, mlbfgs=("--sigma-low", "--update-period", "--memory-size", "--beta"),
+        lr=1e-2, mlbfgs=("--sigma-low", "--update-period", "--memory-size", "--beta"),
         quick="tiny run for tests: 60 steps on 2000 samples, hidden width 64")
     p.add_argument("--hidden", type=int, default=256, help="width of the two hidden layers")
     p.add_argument("--eval-every", type=int, default=250, help="steps between test evaluations")

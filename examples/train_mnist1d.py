@@ -38,7 +38,7 @@ from examples import common  # noqa: E402
 def parse_args(argv=None):
     p = common.make_parser(
         __doc__, steps=3000, steps_help="training steps per optimizer", num_samples=10000,
-        lr=0.2, out="mnist1d_mlbfgs_vs_adamw.png",
+        lr=1e-2, out="mnist1d_mlbfgs_vs_adamw.png",
         mlbfgs=("--sigma-low", "--update-period", "--memory-size", "--beta"),
         quick="tiny run for tests: 60 steps on 2000 samples, no plot unless --out")
     p.add_argument("--adamw-lr", type=float, default=3e-3, help="AdamW learning rate")

@@ -15,6 +15,8 @@ from mlbfgs_optax._distributed import state_partition_specs as state_partition_s
 from mlbfgs_optax._state import ScaleByMLBFGSState as ScaleByMLBFGSState
 from mlbfgs_optax._mlbfgs import mlbfgs as mlbfgs
 from mlbfgs_optax._mlbfgs import scale_by_mlbfgs as scale_by_mlbfgs
+from mlbfgs_optax._recipes import authors_recipe as authors_recipe
+from mlbfgs_optax._recipes import paper_defaults as paper_defaults
 from mlbfgs_optax._two_loop import two_loop_recursion as two_loop_recursion
 
 __version__ = "0.1.0"
@@ -23,11 +25,13 @@ __all__ = (
     "BlockLayout",
     "EqualSlices",
     "ScaleByMLBFGSState",
+    "authors_recipe",
     "curvature_stats",
     "damping_weight",
     "find_mlbfgs_state",
     "make_layout",
     "mlbfgs",
+    "paper_defaults",
     "scale_by_mlbfgs",
     "state_partition_specs",
     "two_loop_recursion",

@@ -268,7 +268,8 @@ def state_specs(state: ScaleByMLBFGSState, axis_name: Optional[str] = None,
     adds an unsharded memory axis in front, as ``init`` places them. Every
     other field is replicated.
     """
-    table = _state.FIELDS
+    # Optional fields (None: e.g. ``nu`` without the metric) stay None.
+    table = {f: k for f, k in _state.FIELDS.items() if getattr(state, f) is not None}
     replicated = jax.tree.map(lambda _: PartitionSpec(), state)
     if _state.is_sliced(state):
         if axis_name is None:
@@ -279,7 +280,7 @@ def state_specs(state: ScaleByMLBFGSState, axis_name: Optional[str] = None,
             _state.Kind.HISTORY: [PartitionSpec(None, axis_name)],
             _state.Kind.BLOCK: PartitionSpec(axis_name),
         }
-        return ScaleByMLBFGSState(**{f: by_kind[k] for f, k in table.items()})
+        return replicated._replace(**{f: by_kind[k] for f, k in table.items()})
     if params_specs is None:
         return replicated
     treedef = jax.tree.structure(state.params_avg)

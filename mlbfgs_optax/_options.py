@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -65,6 +65,12 @@ class Hyperparams(NamedTuple):
       sigma_yy: :math:`\sigma_{yy}` (resolved: never None).
       curvature_eps: :math:`\epsilon` of the guard, or None for the machine
         epsilon of the accumulation dtype.
+      metric_decay: :math:`\beta_2` of the metric's second moment.
+      metric_eps: :math:`\epsilon` of the metric :math:`D`.
+      step_bound: :math:`\kappa`, or None (off).
+      roundoff_rejection: :math:`c` of the round-off test, or None (off).
+      learning_rate: :math:`\eta` when a number (pairs in direction units), or
+        None (a schedule lives in :attr:`Options.lr_schedule`, or no rate).
     """
 
     update_period: Any
@@ -75,11 +81,16 @@ class Hyperparams(NamedTuple):
     pair_momentum: Any
     sigma_yy: Any
     curvature_eps: Any
+    metric_decay: Any
+    metric_eps: Any
+    step_bound: Any
+    roundoff_rejection: Any
+    learning_rate: Any
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """The static hyperparameters (hashable: a static argument of ``jax.jit``).
+    r"""The static hyperparameters (hashable: a static argument of ``jax.jit``).
 
     Attributes:
       memory_size: :math:`M`, pairs kept per block.
@@ -95,6 +106,12 @@ class Options:
       averages_dtype: dtype of the averages and snapshots, or None.
       pair_momentum_off: ``pair_momentum`` is a concrete 0 (skip its work).
       yy_bound_off: ``sigma_yy`` is a concrete inf (skip its work).
+      metric: ``"adam"`` (pairs whitened by Adam's diagonal, :math:`H_0 = D`)
+        or ``"identity"`` (the paper's :math:`H_0 = \gamma I`).
+      step_bound_off: ``step_bound`` is None.
+      roundoff_off: ``roundoff_rejection`` is None.
+      lr_schedule: the learning-rate schedule (a callable of the step), or
+        None when the rate is a number (in :class:`Hyperparams`) or not given.
       placement: where the blocks live (:mod:`mlbfgs_optax._distributed`).
     """
 
@@ -108,6 +125,10 @@ class Options:
     averages_dtype: Optional[jnp.dtype]
     pair_momentum_off: bool
     yy_bound_off: bool
+    metric: str
+    step_bound_off: bool
+    roundoff_off: bool
+    lr_schedule: Optional[Callable]
     placement: _distributed.Placement
 
 
@@ -131,6 +152,12 @@ def make_options(
     curvature_eps,
     axis_name,
     mesh,
+    metric,
+    metric_decay,
+    metric_eps,
+    step_bound,
+    roundoff_rejection,
+    learning_rate,
 ) -> tuple[Options, Hyperparams]:
     """Validates every argument of ``scale_by_mlbfgs`` and splits them.
 
@@ -161,6 +188,21 @@ def make_options(
     if curvature_eps is not None:
         check("curvature_eps", curvature_eps, lambda e: e >= 0.0 and math.isfinite(e),
               "a finite float >= 0")
+    if metric not in ("adam", "identity"):
+        raise ValueError(
+            f"scale_by_mlbfgs: metric={metric!r} is invalid; expected 'adam' or 'identity'."
+        )
+    check("metric_decay", metric_decay, lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
+    check("metric_eps", metric_eps, lambda e: 0.0 < e < math.inf, "a finite float > 0")
+    if step_bound is not None:
+        check("step_bound", step_bound, lambda v: 0.0 < v < math.inf,
+              "a finite float > 0, or None (no bound)")
+    if roundoff_rejection is not None:
+        check("roundoff_rejection", roundoff_rejection, lambda v: 0.0 <= v < math.inf,
+              "a finite float >= 0, or None (off)")
+    if learning_rate is not None and not callable(learning_rate):
+        check("learning_rate", learning_rate, lambda v: 0.0 <= v < math.inf,
+              "a finite float >= 0, a schedule, or None")
     if isinstance(blocks, str) and blocks not in ("leaf", "all"):
         raise ValueError(
             f"scale_by_mlbfgs: blocks={blocks!r} is invalid; expected 'leaf', 'all', an "
@@ -180,6 +222,10 @@ def make_options(
         averages_dtype=_dtype("averages_dtype", averages_dtype),
         pair_momentum_off=is_number(pair_momentum) and pair_momentum == 0,
         yy_bound_off=is_number(sigma_yy) and math.isinf(sigma_yy),
+        metric=metric,
+        step_bound_off=step_bound is None,
+        roundoff_off=roundoff_rejection is None,
+        lr_schedule=learning_rate if callable(learning_rate) else None,
         placement=placement,
     )
     hyper = Hyperparams(
@@ -191,6 +237,11 @@ def make_options(
         pair_momentum=pair_momentum,
         sigma_yy=sigma_yy,
         curvature_eps=curvature_eps,
+        metric_decay=metric_decay,
+        metric_eps=metric_eps,
+        step_bound=step_bound,
+        roundoff_rejection=roundoff_rejection,
+        learning_rate=None if callable(learning_rate) else learning_rate,
     )
     return options, hyper
 

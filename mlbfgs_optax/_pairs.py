@@ -23,10 +23,19 @@ import jax
 import jax.numpy as jnp
 
 from mlbfgs_optax import _damping
+from mlbfgs_optax import _metric
 from mlbfgs_optax import _numerics
 from mlbfgs_optax import _state
 from mlbfgs_optax._options import Hyperparams, Options
 from mlbfgs_optax._state import ScaleByMLBFGSState
+
+
+def _corrections(st: ScaleByMLBFGSState, bias_correction: bool, acc) -> tuple:
+    r"""The factors :math:`1/(1-\beta^k)` of the four averages (all 1 without correction)."""
+    if not bias_correction:
+        return (1.0,) * 4
+    w = st.avg_weights.astype(acc)
+    return tuple(_numerics.safe_div(1.0, w[i]) for i in range(4))
 
 
 def candidate(layout, st: ScaleByMLBFGSState, bias_correction: bool, acc):
@@ -38,18 +47,32 @@ def candidate(layout, st: ScaleByMLBFGSState, bias_correction: bool, acc):
     Returns:
       ``(s, y)``, packed, in ``acc``.
     """
-    if bias_correction:
-        w = st.avg_weights.astype(acc)
-        c_theta, c_grad, c_snap_theta, c_snap_grad = (
-            _numerics.safe_div(1.0, w[i]) for i in range(4))
-    else:
-        c_theta = c_grad = c_snap_theta = c_snap_grad = 1.0
+    c_theta, c_grad, c_snap_theta, c_snap_grad = _corrections(st, bias_correction, acc)
     fields = lambda tree: _state.from_tree(layout, tree)
     s = [c_theta * a.astype(acc) - c_snap_theta * b.astype(acc)
          for a, b in zip(fields(st.params_avg), fields(st.params_snapshot))]
     y = [c_grad * a.astype(acc) - c_snap_grad * b.astype(acc)
          for a, b in zip(fields(st.grads_avg), fields(st.grads_snapshot))]
     return s, y
+
+
+def above_roundoff(layout, s, st: ScaleByMLBFGSState, bias_correction: bool, factor,
+                   acc) -> jax.Array:
+    r"""Per block: :math:`\max|s| > c\,\epsilon \max|\bar\theta|` (the pair is not round-off).
+
+    :math:`\bar\theta` is the (bias-corrected) parameter average and
+    :math:`\epsilon` the machine epsilon of ``acc``. Next to an optimum the
+    averages stop moving and :math:`s` is the rounding error of
+    :math:`M^\theta`: such a pair carries no curvature, only noise that can
+    pass the positivity guard (float32 Rosenbrock turned to NaN this way).
+
+    Returns:
+      A boolean ``(B,)`` vector, False where the pair must be rejected.
+    """
+    c_theta = _corrections(st, bias_correction, acc)[0]
+    theta = [c_theta * a.astype(acc) for a in _state.from_tree(layout, st.params_avg)]
+    floor = factor * jnp.finfo(acc).eps * layout.block_max_abs(theta, acc)
+    return layout.block_max_abs(s, acc) > floor
 
 
 def with_pair_momentum(layout, s, y, s_hist, y_hist, newest, num_pairs, pair_momentum, acc):
@@ -164,11 +187,14 @@ def accept(p: Products, has_snapshot, curvature_eps, acc) -> jax.Array:
     return has_snapshot & p.finite & (p.sy > eps * p.ss) & (p.yy > 0) & rho_ok
 
 
-def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok) -> ScaleByMLBFGSState:
+def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok,
+          update_gamma: bool = True) -> ScaleByMLBFGSState:
     r"""Writes the pair into ring-buffer ``slot`` of every block where ``ok``.
 
-    Updates the histories, :math:`\rho`, :math:`\gamma = s^\top\hat y/\hat y^\top\hat y`,
-    the Gram matrices (when cached), the newest slot and the pair count.
+    Updates the histories, :math:`\rho`, :math:`\gamma = s^\top\hat y/\hat y^\top\hat y`
+    (unless not ``update_gamma``: then :math:`\gamma` stays 1, :math:`H_0 = I` in
+    the metric's coordinates), the Gram matrices (when cached), the newest slot
+    and the pair count.
     """
     s_hist = _state.from_tree(layout, st.s_history)
     y_hist = _state.from_tree(layout, st.y_history)
@@ -191,7 +217,8 @@ def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok) -> Sc
         s_history=_state.to_tree(layout, s_hist),
         y_history=_state.to_tree(layout, y_hist),
         rho=rho,
-        gamma=jnp.where(ok, _numerics.safe_div(p.sy, p.yy, 1.0), st.gamma),
+        gamma=(jnp.where(ok, _numerics.safe_div(p.sy, p.yy, 1.0), st.gamma) if update_gamma
+               else st.gamma),
         sy_gram=sy_gram,
         yy_gram=yy_gram,
         newest=jnp.where(ok, slot, st.newest),
@@ -200,16 +227,26 @@ def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok) -> Sc
 
 
 def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
-              st: ScaleByMLBFGSState) -> ScaleByMLBFGSState:
-    """One damped, guarded pair per block, then the snapshot (``t``: the call index).
+              st: ScaleByMLBFGSState, root_d=None, inv_lr=None) -> ScaleByMLBFGSState:
+    r"""One damped, guarded pair per block, then the snapshot (``t``: the call index).
 
     ``st`` already holds this call's averages; ``g`` is the packed incoming
-    update (for the gradient-average refresh).
+    update (for the gradient-average refresh). With the metric, ``root_d`` is
+    this call's packed :math:`D^{1/2}` and ``inv_lr`` is :math:`1/\eta_t`: the
+    pair is whitened (:func:`mlbfgs_optax._metric.whiten_pair`) before the pair
+    momentum, the damping and the guard, which then work in the whitened
+    coordinates. A pair at round-off level (:func:`above_roundoff`) is rejected.
     """
     acc = dt.acc
     s_hist = _state.from_tree(layout, st.s_history)
     y_hist = _state.from_tree(layout, st.y_history)
     s, y = candidate(layout, st, opts.bias_correction, acc)
+    not_roundoff = True
+    if not opts.roundoff_off:
+        not_roundoff = above_roundoff(layout, s, st, opts.bias_correction,
+                                      h.roundoff_rejection, acc)
+    if root_d is not None:
+        s, y = _metric.whiten_pair(s, y, root_d, inv_lr)
     if not opts.pair_momentum_off:
         s, y = with_pair_momentum(layout, s, y, s_hist, y_hist, st.newest, st.num_pairs,
                                   h.pair_momentum, acc)
@@ -220,8 +257,8 @@ def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     slot = (st.newest + 1) % opts.memory_size
     prod = products(layout, s_st, y_st, s_hist, y_hist, slot, opts.cache_gram, acc)
     has_snapshot = t >= h.update_period
-    ok = accept(prod, has_snapshot, h.curvature_eps, acc)
-    new = store(layout, st, s_st, y_st, prod, slot, ok)
+    ok = accept(prod, has_snapshot, h.curvature_eps, acc) & not_roundoff
+    new = store(layout, st, s_st, y_st, prod, slot, ok, update_gamma=root_d is None)
 
     weights = st.avg_weights.at[2:].set(st.avg_weights[:2])  # snapshot weights
     grads_avg = st.grads_avg

@@ -50,6 +50,10 @@ class ScaleByMLBFGSState(NamedTuple):
         ``grads_avg``, ``params_snapshot`` and ``grads_snapshot``, shape
         ``(4,)``; with ``bias_correction`` the pairs are formed from the
         averages divided by these weights.
+      nu: :math:`\nu`, EMA of the squared incoming updates,
+        :math:`\nu \leftarrow \beta_2 \nu + (1-\beta_2) g \odot g`, packed like
+        ``params_avg``; the metric :math:`D = 1/(\sqrt{\hat\nu} + \epsilon)`
+        (``metric="adam"``). None with ``metric="identity"``.
     """
 
     count: jax.Array
@@ -70,6 +74,7 @@ class ScaleByMLBFGSState(NamedTuple):
     sy_gram: jax.Array
     yy_gram: jax.Array
     avg_weights: jax.Array
+    nu: Any
 
 
 class Kind(enum.Enum):
@@ -102,6 +107,7 @@ FIELDS: dict[str, Kind] = {
     "sy_gram": Kind.BLOCK,
     "yy_gram": Kind.BLOCK,
     "avg_weights": Kind.SCALAR,
+    "nu": Kind.PARAMS,
 }
 assert tuple(FIELDS) == ScaleByMLBFGSState._fields
 
@@ -154,12 +160,13 @@ def from_tree(layout, tree: Any) -> list:
 
 
 def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes,
-                zeros=None) -> ScaleByMLBFGSState:
+                zeros=None, metric: bool = False) -> ScaleByMLBFGSState:
     """The initial state of the blocks of ``layout`` (all arrays distinct buffers).
 
     ``zeros(j, shape, dtype)`` creates packed array ``j`` of a params-shaped or
     history field (``shape`` has the history's leading ``M`` axis); the default
     is ``jnp.zeros``. Placements pass one that follows the params' sharding.
+    ``metric``: hold the metric's second moment ``nu`` (else None).
     """
     packed = [s for s, _ in layout.packed_shapes()]
     b, m = layout.num_blocks, memory_size
@@ -188,6 +195,7 @@ def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes,
         sy_gram=jnp.zeros(gram, dt.acc),
         yy_gram=jnp.zeros(gram, dt.acc),
         avg_weights=jnp.zeros((4,), dt.acc),
+        nu=params(dt.averages) if metric else None,
     )
 
 

@@ -3,10 +3,12 @@ r"""Init and update of mL-BFGS as pure functions of (options, hyperparameters, a
 One update, per block :math:`b` (Niu et al., 2023, https://arxiv.org/abs/2307.13744):
 
 1. averages :math:`M^\theta \leftarrow \beta M^\theta + (1-\beta)\theta_t`,
-   :math:`M^g \leftarrow \beta M^g + (1-\beta) g_t`;
+   :math:`M^g \leftarrow \beta M^g + (1-\beta) g_t`, and with the metric the
+   second moment :math:`\nu` and :math:`D^{1/2}` (:mod:`mlbfgs_optax._metric`);
 2. every :math:`T`-th call, a curvature pair (:func:`mlbfgs_optax._pairs.form_pair`),
    inside the only ``lax.cond`` of the step;
-3. the direction :math:`d_b = H_b g_b` by the two-loop recursion;
+3. the direction :math:`d_b = D^{1/2} \tilde H_b D^{1/2} g_b` by the two-loop
+   recursion (:math:`D = I` without the metric), with the optional step bound;
 4. optionally, :math:`d` divided by its global norm once any pair exists.
 
 A step whose incoming updates are not all finite leaves the state untouched and
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from mlbfgs_optax import _blocks
+from mlbfgs_optax import _metric
 from mlbfgs_optax import _pairs
 from mlbfgs_optax import _state
 from mlbfgs_optax import _two_loop
@@ -56,12 +59,14 @@ def init(opts: Options, params: Any) -> ScaleByMLBFGSState:
     included, a :class:`_NotParams` leaf.
     """
     if isinstance(params, _params_placeholder_type()):
-        return ScaleByMLBFGSState(**{
+        state = ScaleByMLBFGSState(**{
             f: params if k is _state.Kind.PARAMS else _NotParams()
             for f, k in _state.FIELDS.items()})
+        return state if opts.metric == "adam" else state._replace(nu=None)
     layout = _blocks.make_layout(params, opts.blocks)
     zeros = lambda lay, make: _state.zeros_state(lay, opts.memory_size, opts.cache_gram,
-                                                 state_dtypes(opts, lay), make)
+                                                 state_dtypes(opts, lay), make,
+                                                 metric=opts.metric == "adam")
     return opts.placement.init(layout, zeros, params)
 
 
@@ -93,6 +98,32 @@ def direction(layout, g, st: ScaleByMLBFGSState, cache_gram: bool) -> list:
     return _two_loop.blockwise_two_loop(*history)
 
 
+def metric_direction(layout, opts: Options, h: Hyperparams, g, st: ScaleByMLBFGSState,
+                     root_d, acc) -> list:
+    r"""Step 3 in the metric: :math:`d = D^{1/2} \tilde H D^{1/2} g`, with the step bound.
+
+    ``root_d`` None means :math:`D = I`. With ``step_bound`` :math:`\kappa`,
+    :math:`\tilde d` is shortened per block to
+    :math:`\|\tilde d_b\| \le \kappa \|D^{1/2} g_b\|`
+    (:func:`mlbfgs_optax._metric.bounded`).
+    """
+    if root_d is not None:
+        g = [x.astype(acc) * r for x, r in zip(g, root_d)]
+    d = direction(layout, g, st, opts.cache_gram)
+    if not opts.step_bound_off:
+        d = _metric.bounded(layout, d, g, h.step_bound, acc)
+    if root_d is not None:
+        d = [x * r for x, r in zip(d, root_d)]
+    return d
+
+
+def learning_rate_at(opts: Options, h: Hyperparams, count, acc) -> jax.Array:
+    """:math:`\\eta_t` at call ``count`` (1 when no learning rate was given)."""
+    if opts.lr_schedule is not None:
+        return jnp.asarray(opts.lr_schedule(count), acc)
+    return jnp.asarray(1.0 if h.learning_rate is None else h.learning_rate, acc)
+
+
 def normalized(d: list, any_pair: jax.Array, coll: Collectives) -> list:
     r"""Step 4: :math:`d / \sqrt{\sum_b \|d_b\|^2}` once ``any_pair`` (over every device).
 
@@ -115,14 +146,22 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
     """
     dt = state_dtypes(opts, layout)
     new = averages(layout, state, g, theta, h.beta, finite, dt)
+    root_d = inv_lr = None
+    if opts.metric == "adam":
+        nu = _metric.second_moment(_state.from_tree(layout, state.nu), g, h.metric_decay,
+                                   finite, dt.averages)
+        new = new._replace(nu=_state.to_tree(layout, nu))
+        root_d = _metric.root_diagonal(nu, h.metric_decay, new.count, h.metric_eps, dt.acc)
+        eta = learning_rate_at(opts, h, state.count, dt.acc)
+        inv_lr = jnp.where(eta > 0, 1.0 / jnp.where(eta > 0, eta, 1.0), 0.0)
     is_pair_step = finite & ((state.count + 1) % h.update_period == 0)
     new = jax.lax.cond(
         is_pair_step,
-        lambda st: _pairs.form_pair(layout, opts, h, dt, g, state.count, st),
+        lambda st: _pairs.form_pair(layout, opts, h, dt, g, state.count, st, root_d, inv_lr),
         lambda st: st,
         new,
     )
-    d = direction(layout, g, new, opts.cache_gram)
+    d = metric_direction(layout, opts, h, g, new, root_d, dt.acc)
     if opts.normalize:
         d = normalized(d, jnp.any(new.num_pairs > 0), coll)
     return d, new

@@ -50,7 +50,7 @@ def test_quick_run_writes_outputs(quick_results):
             n = len(r["step"])
             assert n >= 2 and len(r["seconds"]) == n and len(r["test_acc"]) == n
             assert r["seconds"] == sorted(r["seconds"])
-        assert "mlbfgs_default" in task["summary"] and "abl_beta0" in task["summary"]
+        assert "mlbfgs_default" in task["summary"] and "abl_no_pairs" in task["summary"]
     assert "gap" in data["tasks"]["logreg"]["runs"][0]
     assert "muon" in data["tasks"]["mnist1d_mlp"]["summary"]
 

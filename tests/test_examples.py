@@ -93,7 +93,7 @@ def test_diagnostics_quick(tmp_path):
     num_blocks = len(r["names"])
     assert log["mu"].shape == (len(log["step"]), num_blocks)
     assert log["num_pairs"][-1].min() >= 1
-    lo, hi = 0.5, 1.5  # the script's default sigma bounds
+    lo, hi = 0.1, 10.0  # the script's default sigma bounds (the library's)
     stored = log["num_pairs"][-1] > 0
     assert np.all((log["mu_damped"][-1][stored] >= lo - 1e-4)
                   & (log["mu_damped"][-1][stored] <= hi + 1e-4))
@@ -138,7 +138,7 @@ def test_common_options_quick_and_out():
     p.add_argument("--eval-every", type=int, default=10)
     a = common.parse_args(p, [], steps=5, eval_every=1)
     assert (a.steps, a.eval_every, a.out, a.lr, a.sigma_low, a.beta) == (
-        100, 10, "x.png", 0.1, 0.5, 0.9)
+        100, 10, "x.png", 0.1, 0.1, 0.99)  # the library's defaults
     a = common.parse_args(p, ["--quick"], steps=5, eval_every=1)
     assert (a.steps, a.eval_every, a.out) == (5, 1, "")  # no plot unless --out is given
     assert common.parse_args(p, ["--quick", "--out", "y.png"], steps=5).out == "y.png"

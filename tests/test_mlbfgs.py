@@ -11,7 +11,10 @@ import pytest
 import mlbfgs_optax
 from tests.authors_reference import AuthorsBlockSlimQN
 
-NO_DAMPING = dict(sigma_low=-jnp.inf, sigma_high=jnp.inf, tau_max=1.0)
+# The paper's H_0 = gamma I without the library's step bound and round-off test
+# (the reference checks below are about the paper's math).
+PAPER_METRIC = dict(metric="identity", step_bound=None, roundoff_rejection=None)
+NO_DAMPING = dict(PAPER_METRIC, sigma_low=-jnp.inf, sigma_high=jnp.inf, tau_max=1.0)
 
 
 def _quadratic_trajectory(n=20, steps=12, seed=0):
@@ -58,14 +61,12 @@ def test_follows_authors_update_loop(blocks):
         a = a @ a.T / n + 0.1 * np.eye(n)
         target = rng.normal(size=n)
         lr, wd, T = 0.05, 2e-4, 5
-        hp = dict(beta=0.999, update_period=T, memory_size=10, tau_max=0.99, pair_momentum=0.9,
-                  refresh_grad_average=True, normalize=True, sigma_low=0.01, sigma_high=1.5,
-                  bias_correction=False)
+        hp = dict(beta=0.999, update_period=T)
         ref_blocks = [np.arange(n)] if blocks == "all" else [np.arange(n_w, n), np.arange(n_w)]
         ref = AuthorsBlockSlimQN(ref_blocks, lr=lr, momentum=0.9, weight_decay=wd,
                                  beta=hp["beta"], pair_momentum=0.9, update_period=T,
                                  memory=10, tau_max=0.99)
-        opt = mlbfgs_optax.mlbfgs(lr, weight_decay=wd, momentum=0.9, blocks=blocks, **hp)
+        opt = mlbfgs_optax.authors_recipe(lr, blocks=blocks, weight_decay=wd, update_period=T)
         theta = rng.normal(size=n)
         params = {"w": jnp.asarray(theta[:n_w]), "b": jnp.asarray(theta[n_w:])}
         state = opt.init(params)
@@ -245,7 +246,7 @@ def test_chain_multisteps_and_extra_args():
     tx = optax.MultiSteps(inner, every_k_schedule=2)
     state = tx.init(params)
     update = jax.jit(functools.partial(tx.update, unknown_extra=1.0))
-    for _ in range(80):
+    for _ in range(200):
         u, state = update(jax.grad(loss)(params), state, params)
         params = optax.apply_updates(params, u)
     assert float(loss(params)) < 1e-3
@@ -294,7 +295,8 @@ def test_init_on_shape_dtype_struct_and_donation():
 
 
 def test_state_size_bound():
-    """(2M + 4) n numbers for n parameters, plus 2M^2 + M + 7 scalars per block."""
+    """(2M + 5) n numbers for n parameters (2M + 4 without the metric), plus 2M^2 + M + 7
+    scalars per block."""
     params = {"a": jnp.zeros((100, 30)), "b": jnp.zeros(30)}
     n = 3030
     for m in (1, 5, 10):
@@ -302,12 +304,15 @@ def test_state_size_bound():
         big = sum(x.size for x in jax.tree.leaves(
             (st.params_avg, st.grads_avg, st.params_snapshot, st.grads_snapshot,
              st.s_history, st.y_history)))
-        small = sum(x.size for x in jax.tree.leaves(st)) - big
+        small = sum(x.size for x in jax.tree.leaves(st)) - big - st.nu["a"].size - st.nu["b"].size
         assert big == (2 * m + 4) * n
+        assert mlbfgs_optax.scale_by_mlbfgs(memory_size=m, metric="identity").init(
+            params).nu is None
         # Per block: the Gram matrices (2 M^2), rho (M) and 7 scalars; count, 4 weights.
         assert small == 2 * (2 * m * m + m + 7) + 1 + 4
         # Without the cached Gram matrices: O(M) numbers per block.
-        st = mlbfgs_optax.scale_by_mlbfgs(memory_size=m, cache_gram=False).init(params)
+        st = mlbfgs_optax.scale_by_mlbfgs(memory_size=m, cache_gram=False,
+                                          metric="identity").init(params)
         assert sum(x.size for x in jax.tree.leaves(st)) - big == 2 * (m + 7) + 1 + 4
     st16 = mlbfgs_optax.scale_by_mlbfgs(history_dtype=jnp.bfloat16).init(params)
     assert st16.s_history["a"].dtype == jnp.bfloat16
@@ -361,8 +366,9 @@ def test_converges_on_ill_conditioned_logistic_regression():
 
 
 def test_stochastic_stable_where_naive_lbfgs_is_not():
-    """Mini-batch logistic regression at lr 0.3: optax.lbfgs without line search
-    blows up; mL-BFGS with its defaults stays near the mini-batch noise floor."""
+    """Mini-batch logistic regression: optax.lbfgs without line search stalls far from
+    the optimum or blows up at every lr tried; mL-BFGS with its defaults, at Adam's
+    usual learning rates, stays finite and near the mini-batch noise floor."""
     from sklearn.datasets import load_breast_cancer
 
     x, y = load_breast_cancer(return_X_y=True)
@@ -383,14 +389,15 @@ def test_stochastic_stable_where_naive_lbfgs_is_not():
         w0 = jnp.zeros(31)
         return jax.lax.scan(body, (w0, tx.init(w0)), idx)[1]
 
-    naive = optax.lbfgs(learning_rate=0.3, linesearch=None)
-    ours = mlbfgs_optax.mlbfgs(0.3)
-    for seed in range(3):
+    for seed in range(2):
         idx = jnp.asarray(np.random.default_rng(seed).integers(0, len(y), size=(1000, 32)))
-        naive_loss, our_loss = np.asarray(run(naive, idx)), np.asarray(run(ours, idx))
-        assert not np.all(np.isfinite(naive_loss[500:])) or naive_loss[500:].max() > 10.0
-        assert np.all(np.isfinite(our_loss)) and our_loss[500:].max() < 1.0
-        assert np.median(our_loss[-100:]) < 0.08  # optimum of the full loss is ~0.05
+        for lr in (0.01, 0.03, 0.3):
+            naive_loss = np.asarray(run(optax.lbfgs(learning_rate=lr, linesearch=None), idx))
+            assert not np.all(np.isfinite(naive_loss)) or np.median(naive_loss[-100:]) > 0.2
+        for lr in (0.01, 0.03):
+            our_loss = np.asarray(run(mlbfgs_optax.mlbfgs(lr), idx))
+            assert np.all(np.isfinite(our_loss)) and our_loss[500:].max() < 0.2
+            assert np.median(our_loss[-100:]) < 0.08  # optimum of the full loss is ~0.05
 
 
 @pytest.mark.parametrize("bias_correction", [True, False])

@@ -4,7 +4,6 @@ import dataclasses
 import inspect
 
 import jax.numpy as jnp
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -30,6 +29,11 @@ _BAD_SCALE = [
     ("history_dtype", jnp.int32),
     ("history_dtype", "not-a-dtype"),
     ("averages_dtype", jnp.int8),
+    ("metric", "diag"), ("metric", None),
+    ("metric_decay", 1.0), ("metric_decay", -0.5), ("metric_decay", _NAN),
+    ("metric_eps", 0.0), ("metric_eps", -1e-8), ("metric_eps", _INF),
+    ("step_bound", 0.0), ("step_bound", -1.0), ("step_bound", _INF), ("step_bound", _NAN),
+    ("roundoff_rejection", -1.0), ("roundoff_rejection", _INF),
 ]
 
 
@@ -39,7 +43,8 @@ def _value_in_message(value, msg):
 
 @pytest.mark.parametrize("name,value", _BAD_SCALE)
 def test_invalid_argument_raises_value_error(name, value):
-    for make in (mlbfgs_optax.scale_by_mlbfgs, lambda **kw: mlbfgs_optax.mlbfgs(0.1, **kw)):
+    for make in (mlbfgs_optax.scale_by_mlbfgs, lambda **kw: mlbfgs_optax.mlbfgs(0.1, **kw),
+                 lambda **kw: mlbfgs_optax.authors_recipe(0.1, **kw)):
         with pytest.raises(ValueError) as info:
             make(**{name: value})
         msg = str(info.value)
@@ -65,6 +70,23 @@ def test_invalid_mlbfgs_argument_raises_value_error(name, value):
     assert f"{name}=" in msg and _value_in_message(value, msg) and "expected" in msg, msg
 
 
+@pytest.mark.parametrize("value", [-0.1, _NAN, _INF])
+def test_invalid_scale_by_mlbfgs_learning_rate_raises_value_error(value):
+    with pytest.raises(ValueError, match="learning_rate="):
+        mlbfgs_optax.scale_by_mlbfgs(learning_rate=value)
+
+
+def test_paper_defaults_is_read_only_and_switches_every_extension_off():
+    with pytest.raises(TypeError):
+        mlbfgs_optax.paper_defaults["metric"] = "adam"  # type: ignore[index]
+    opts, _ = _options.make_options(**{
+        **{k: p.default for k, p in inspect.signature(
+            mlbfgs_optax.scale_by_mlbfgs).parameters.items()},
+        **mlbfgs_optax.paper_defaults})
+    assert opts.metric == "identity" and opts.step_bound_off and opts.roundoff_off
+    assert opts.yy_bound_off and not opts.bias_correction
+
+
 def test_valid_edge_arguments_are_accepted():
     mlbfgs_optax.scale_by_mlbfgs(memory_size=1, update_period=1, beta=0.0, sigma_low=-_INF,
                                  sigma_high=_INF, tau_max=1.0, pair_momentum=0.0,
@@ -72,11 +94,15 @@ def test_valid_edge_arguments_are_accepted():
     mlbfgs_optax.mlbfgs(0.1, weight_decay=0.0, momentum=0.0, update_period=2.0)
 
 
+_METRIC = dict(metric="adam", metric_decay=0.999, metric_eps=1e-8, step_bound=3.0,
+               roundoff_rejection=100.0, learning_rate=None)
+
+
 def test_options_are_hashable_and_blocks_do_not_enter_the_hash():
     kw = dict(memory_size=3, update_period=2, beta=0.9, sigma_low=0.5, sigma_high=1.5,
               tau_max=1.0, pair_momentum=0.0, refresh_grad_average=False, normalize=False,
               sigma_yy=None, cache_gram=True, bias_correction=True, history_dtype=None,
-              averages_dtype=None, curvature_eps=None, axis_name=None, mesh=None)
+              averages_dtype=None, curvature_eps=None, axis_name=None, mesh=None, **_METRIC)
     a, ha = _options.make_options(blocks={"w": "x"}, **kw)
     b, _ = _options.make_options(blocks="leaf", **kw)
     assert hash(a) == hash(b) and a == b  # the layout, a static argument too, tells them apart
@@ -89,7 +115,7 @@ def test_concrete_neutral_values_switch_work_off_traced_values_do_not():
     kw = dict(memory_size=3, update_period=2, beta=0.9, sigma_low=0.5, sigma_high=1.5,
               tau_max=1.0, refresh_grad_average=False, normalize=False, blocks="leaf",
               cache_gram=True, bias_correction=True, history_dtype=None,
-              averages_dtype=None, curvature_eps=None, axis_name=None, mesh=None)
+              averages_dtype=None, curvature_eps=None, axis_name=None, mesh=None, **_METRIC)
     off, _ = _options.make_options(pair_momentum=0.0, sigma_yy=float("inf"), **kw)
     assert off.pair_momentum_off and off.yy_bound_off
     on, _ = _options.make_options(pair_momentum=jnp.asarray(0.0), sigma_yy=jnp.asarray(1e9),
@@ -102,12 +128,15 @@ def test_mlbfgs_forwards_every_scale_by_mlbfgs_argument_with_the_same_default():
     inner = inspect.signature(mlbfgs_optax.scale_by_mlbfgs).parameters
     outer = inspect.signature(mlbfgs_optax.mlbfgs).parameters
     for name, p in inner.items():
+        if name == "learning_rate":  # mlbfgs's own first argument, passed on
+            assert list(outer)[0] == name
+            continue
         assert name in outer, name
         assert outer[name].default == p.default or (
             outer[name].default is p.default), (name, outer[name].default, p.default)
         assert outer[name].kind == p.kind, name
     for name in inner:
-        assert f"``{name}``" in mlbfgs_optax.mlbfgs.__doc__, name
+        assert name == "learning_rate" or f"``{name}``" in mlbfgs_optax.mlbfgs.__doc__, name
     # And the values really arrive: a non-default of every kind changes the state.
     st = mlbfgs_optax.mlbfgs(0.1, memory_size=3, cache_gram=False,
                              history_dtype=jnp.bfloat16).init(jnp.ones(4))

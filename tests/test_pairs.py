@@ -26,7 +26,8 @@ def _setup(blocks="leaf", seed=0, **kw):
                 tau_max=1.0, pair_momentum=0.0, refresh_grad_average=False, normalize=False,
                 blocks=blocks, sigma_yy=None, cache_gram=True, bias_correction=True,
                 history_dtype=None, averages_dtype=None, curvature_eps=None, axis_name=None,
-                mesh=None)
+                mesh=None, metric="identity", metric_decay=0.999, metric_eps=1e-8,
+                step_bound=None, roundoff_rejection=None, learning_rate=None)
     args.update(kw)
     opts, h = _options.make_options(**args)
     dt = _state.dtypes(layout)
@@ -169,3 +170,16 @@ def test_form_pair_takes_snapshot_counts_skips_and_refreshes():
     np.testing.assert_allclose(np.asarray(first.avg_weights), [0.9, 0.1, 0.9, 0.8])
     later = _pairs.form_pair(layout, opts, h, dt, g, jnp.asarray(3), st)
     assert (later.num_pairs + later.num_skipped).tolist() == [1, 1]
+
+
+def test_above_roundoff_compares_s_with_the_rounding_of_the_parameter_average():
+    layout, opts, h, dt, st, _ = _setup()
+    theta_bar = [np.asarray(x) / 0.9 for x in _state.from_tree(layout, st.params_avg)]
+    floor = [100 * np.finfo(np.float64).eps * np.abs(x).max() for x in theta_bar]
+    s = [jnp.full((2, 3), 0.5 * floor[0]), jnp.full(4, 2.0 * floor[1])]
+    ok = _pairs.above_roundoff(layout, s, st, True, 100.0, dt.acc)
+    assert ok.tolist() == [False, True]
+    # In form_pair, the rejected block stores nothing and counts a skip.
+    opts, h = _setup(roundoff_rejection=1e20)[1:3]
+    new = _pairs.form_pair(layout, opts, h, dt, _state.from_tree(layout, st.grads_avg), 5, st)
+    assert new.num_pairs.tolist() == [0, 0] and new.num_skipped.tolist() == [1, 1]

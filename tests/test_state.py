@@ -14,14 +14,15 @@ def test_table_lists_every_field_in_order():
     assert tuple(_state.FIELDS) == mlbfgs_optax.ScaleByMLBFGSState._fields
     kinds = {k: _state.fields_of(k) for k in _state.Kind}
     assert kinds[_state.Kind.HISTORY] == ("s_history", "y_history")
-    assert len(kinds[_state.Kind.PARAMS]) == 4
+    assert kinds[_state.Kind.PARAMS] == (
+        "params_avg", "grads_avg", "params_snapshot", "grads_snapshot", "nu")
 
 
 @pytest.mark.parametrize("blocks", ["leaf", "all", mlbfgs_optax.EqualSlices(4)])
 def test_zeros_state_shapes_follow_the_table(blocks):
     layout = _blocks.make_layout(PARAMS, blocks)
     m = 3
-    st = _state.zeros_state(layout, m, True, _state.dtypes(layout))
+    st = _state.zeros_state(layout, m, True, _state.dtypes(layout), metric=True)
     packed = [s for s, _ in layout.packed_shapes()]
     b = layout.num_blocks
     for name, kind in _state.FIELDS.items():
@@ -34,6 +35,10 @@ def test_zeros_state_shapes_follow_the_table(blocks):
         elif kind is _state.Kind.BLOCK:
             assert shapes[0][0] == b, name
     assert len({id(x) for x in jax.tree.leaves(st)}) == len(jax.tree.leaves(st))
+    # Without the metric its second moment is absent (None), nothing else changes.
+    plain = _state.zeros_state(layout, m, True, _state.dtypes(layout))
+    assert plain.nu is None and plain._replace(nu=st.nu) is not None
+    assert jax.tree.structure(plain._replace(nu=st.nu)) == jax.tree.structure(st)
 
 
 @pytest.mark.parametrize("params,blocks,sliced", [

@@ -55,24 +55,15 @@ _SIG_DEFAULTS = {k: v.default for k, v in inspect.signature(mlbfgs_optax.mlbfgs)
 LIB_DEFAULTS = {k: _SIG_DEFAULTS[k] for k in (
     "memory_size", "update_period", "beta", "sigma_low", "sigma_high", "tau_max",
     "pair_momentum", "refresh_grad_average", "normalize", "blocks", "sigma_yy",
-    "bias_correction")}
+    "bias_correction", "metric", "step_bound", "roundoff_rejection", "momentum")}
 MLBFGS_DEFAULTS: dict = {}  # overrides of the library defaults for mlbfgs_default: none
-# The defaults at commit e50f853 (the previous committed results): sigma_low 0.1.
-MLBFGS_E50F853_DEFAULTS = dict(sigma_low=0.1)
-# The authors' recipe (their code has no bias correction and no y^T y bound).
-MLBFGS_AUTHORS = dict(memory_size=M, update_period=50, beta=0.999, sigma_low=0.01,
-                      sigma_high=1.5, tau_max=0.99, pair_momentum=0.9,
-                      refresh_grad_average=True, normalize=True, blocks="leaf",
-                      weight_decay=2e-4, momentum=0.9, sigma_yy=math.inf,
-                      bias_correction=False)
-# The authors' recipe with the library's fixes: bias-corrected averages and the default
-# y^T y bound (sigma_yy=None, i.e. 10 * sigma_high).
-MLBFGS_AUTHORS_FIXES = {**MLBFGS_AUTHORS, "bias_correction": True, "sigma_yy": None}
-# The defaults of the library's first version (before sigma_yy and bias correction).
-MLBFGS_FIRST_DEFAULTS = dict(memory_size=M, update_period=10, beta=0.9, sigma_low=0.01,
-                             sigma_high=1.5, tau_max=1.0, pair_momentum=0.0,
-                             refresh_grad_average=False, normalize=False, blocks="leaf",
-                             sigma_yy=math.inf, bias_correction=False)
+# The library's defaults before issue 10: the paper's algorithm (H0 = gamma I, pairs in
+# parameter units) with bias correction and the sigma_yy bound, sigma 0.5/1.5, no momentum.
+MLBFGS_PAPER = dict(mlbfgs_optax.paper_defaults, bias_correction=True, sigma_yy=None,
+                    momentum=None)
+# The authors' recipe: mlbfgs_optax.authors_recipe (their code has no bias correction and
+# no y^T y bound; heavy-ball momentum 0.9, weight decay 2e-4, normalised directions).
+MLBFGS_AUTHORS = dict(weight_decay=2e-4, momentum=0.9)
 NO_DAMPING = dict(sigma_low=-math.inf, sigma_high=math.inf, tau_max=1.0, sigma_yy=math.inf)
 
 
@@ -100,16 +91,23 @@ def _adamw(lr):
     return optax.adamw(learning_rate=lr, b1=0.9, b2=0.999, weight_decay=1e-4)
 
 
-SGD_GRID = (0.01, 0.03, 0.1)
-ADAM_GRID = (1e-3, 3e-3, 1e-2)
-LBFGS_GRID = (0.001, 0.01, 0.1, 1.0)
-MLBFGS_GRID = (0.003, 0.01, 0.03, 0.1)
-MUON_GRID = (0.003, 0.01, 0.03)
+def _half_decades(lo: float, n: int = 7) -> tuple:
+    """``n`` learning rates half a decade apart from ``10**lo``."""
+    return tuple(float(f"{10 ** (lo + k / 2):.3g}") for k in range(n))
+
+
+# Every grid has 7 points half a decade apart (the same density for every optimizer);
+# each is centred on the optimizer's usual range.
+SGD_GRID = _half_decades(-3)        # 1e-3 ... 1
+ADAM_GRID = _half_decades(-4)       # 1e-4 ... 0.1 (AdamW and the mL-BFGS defaults)
+LBFGS_GRID = _half_decades(-3)      # 1e-3 ... 1
+MUON_GRID = _half_decades(-3.5)     # 3.16e-4 ... 0.316
+PAPER_GRID = _half_decades(-3)      # 1e-3 ... 1 (paper units: SGD-like)
 
 
 def _words_default():
     d = LIB_DEFAULTS
-    return mlbfgs_words(d["memory_size"], d["update_period"])
+    return mlbfgs_words(d["memory_size"], d["update_period"], momentum=True) + 3
 
 
 def _normalized_sgdm(lr):
@@ -124,14 +122,21 @@ def _normalized_sgdm(lr):
 def _fmt_defaults():
     d = LIB_DEFAULTS
     yy = ("10*sigma_high" if d["sigma_yy"] is None else f"{d['sigma_yy']:g}")
-    return (f"beta {d['beta']:g}, T {d['update_period']}, M {d['memory_size']}, sigma "
-            f"{d['sigma_low']:g}/{d['sigma_high']:g}, sigma_yy {yy}, bias correction "
-            f"{d['bias_correction']}, {d['blocks']} blocks")
+    return (f"metric {d['metric']}, beta {d['beta']:g}, T {d['update_period']}, "
+            f"M {d['memory_size']}, sigma {d['sigma_low']:g}/{d['sigma_high']:g}, sigma_yy "
+            f"{yy}, step bound {d['step_bound']}, round-off rejection "
+            f"{d['roundoff_rejection']}, momentum {d['momentum']} (EMA), {d['blocks']} blocks")
 
 
-MLBFGS_DEFAULT_GRID = MLBFGS_GRID + (0.3,)  # 0.1 was the best lr at the old grid edge
 AUTHORS_WORDS = mlbfgs_words(M, 50, momentum=True, weight_decay=True, pair_momentum=True,
                              refresh=True)
+# The metric adds nu (read + write) and reads it once more for D: +3 words per step.
+DEFAULT_FORMULA = "4M + 7 + 8/T + 2 (momentum) + 3 (metric)"
+
+
+def _ablation(name, label, **kw):
+    return OptSpec(name, f"ablation: defaults with {label}", _mlbfgs(**{**MLBFGS_DEFAULTS, **kw}),
+                   (), (), _words_default(), DEFAULT_FORMULA, ablation_of="mlbfgs_default")
 
 
 SPECS = (
@@ -146,51 +151,29 @@ SPECS = (
     OptSpec("muon", "optax.contrib.muon (Adam on biases)",
             lambda lr: optax.contrib.muon(learning_rate=lr), MUON_GRID, (0.003, 0.03), 4,
             "4 (like SGD; Newton-Schulz is compute-bound)", only="muon"),
-    OptSpec("mlbfgs_naive", "mlbfgs beta=0, T=1 (naive stochastic L-BFGS + damping)",
-            _mlbfgs(**{**MLBFGS_DEFAULTS, "beta": 0.0, "update_period": 1}), MLBFGS_GRID,
-            (0.01, 0.1), mlbfgs_words(M, 1), "4M + 7 + 8/T with T=1"),
     OptSpec("mlbfgs_default", f"mlbfgs library defaults, only lr passed ({_fmt_defaults()})",
-            _mlbfgs(**MLBFGS_DEFAULTS), MLBFGS_DEFAULT_GRID, (0.01, 0.1), _words_default(),
+            _mlbfgs(**MLBFGS_DEFAULTS), ADAM_GRID, (1e-3, 1e-2), _words_default(),
+            DEFAULT_FORMULA),
+    OptSpec("mlbfgs_paper", "mlbfgs, the defaults before issue 10: paper_defaults + bias "
+            "correction + sigma_yy 10*sigma_high, no momentum (H0 = gamma I, lr in SGD units)",
+            _mlbfgs(**MLBFGS_PAPER), PAPER_GRID, (0.01, 0.1), mlbfgs_words(M, 10),
             "4M + 7 + 8/T"),
-    OptSpec("mlbfgs_authors", "mlbfgs authors' recipe (beta .999, T 50, sigma 0.01/1.5, "
-            "tau_max .99, m2 .9, refresh, normalize, momentum .9, wd 2e-4, no bias correction, "
-            "no sigma_yy)", _mlbfgs(**MLBFGS_AUTHORS), MLBFGS_GRID,
-            (0.01, 0.1), AUTHORS_WORDS, "4M + 7 + 11/T + 2 (momentum) + 1 (weight decay)"),
-    OptSpec("mlbfgs_authors_fixes", "authors' recipe + the library's fixes (bias_correction="
-            "True, sigma_yy=None = 10*sigma_high)", _mlbfgs(**MLBFGS_AUTHORS_FIXES), MLBFGS_GRID,
-            (0.01, 0.1), AUTHORS_WORDS, "4M + 7 + 11/T + 2 (momentum) + 1 (weight decay)"),
+    OptSpec("mlbfgs_authors", "mlbfgs_optax.authors_recipe (beta .999, T 50, sigma 0.01/1.5, "
+            "tau_max .99, m2 .9, refresh, normalize, heavy-ball momentum .9, wd 2e-4)",
+            lambda lr: mlbfgs_optax.authors_recipe(lr), PAPER_GRID, (0.01, 0.1), AUTHORS_WORDS,
+            "4M + 7 + 11/T + 2 (momentum) + 1 (weight decay)"),
     OptSpec("nsgdm", "normalized SGD + momentum, the control for the authors' recipe: "
             "chain(add_decayed_weights(2e-4), normalize_by_update_norm(1.0), trace(0.9), "
-            "scale_by_learning_rate)", _normalized_sgdm, MLBFGS_GRID, (0.01, 0.1), 5,
+            "scale_by_learning_rate)", _normalized_sgdm, PAPER_GRID, (0.01, 0.1), 5,
             "5 (read g, theta; read+write trace; write update)"),
-    # Ablations of the defaults: run at mlbfgs_default's best lr.
-    OptSpec("abl_beta0", "ablation: defaults with beta=0",
-            _mlbfgs(**{**MLBFGS_DEFAULTS, "beta": 0.0}), (), (), _words_default(),
-            "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
-    OptSpec("abl_beta0.9", "ablation: defaults with beta=0.9",
-            _mlbfgs(**{**MLBFGS_DEFAULTS, "beta": 0.9}), (), (), _words_default(),
-            "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
-    OptSpec("abl_T1", "ablation: defaults with T=1",
-            _mlbfgs(**{**MLBFGS_DEFAULTS, "update_period": 1}), (), (), mlbfgs_words(M, 1),
-            "4M + 7 + 8/T with T=1", ablation_of="mlbfgs_default"),
-    OptSpec("abl_T50", "ablation: defaults with T=50",
-            _mlbfgs(**{**MLBFGS_DEFAULTS, "update_period": 50}), (), (), mlbfgs_words(M, 50),
-            "4M + 7 + 8/T with T=50", ablation_of="mlbfgs_default"),
-    OptSpec("abl_nodamp", "ablation: defaults without damping (sigma_low=-inf, sigma_high=inf, "
-            "tau_max=1, sigma_yy=inf)", _mlbfgs(**{**MLBFGS_DEFAULTS, **NO_DAMPING}), (), (),
-            _words_default(), "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
-    OptSpec("abl_no_yy", "ablation: defaults with sigma_yy=inf (the spec's damping only)",
-            _mlbfgs(**{**MLBFGS_DEFAULTS, "sigma_yy": math.inf}), (), (), _words_default(),
-            "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
-    OptSpec("abl_blocks_all", "ablation: defaults with blocks='all' (one block)",
-            _mlbfgs(**{**MLBFGS_DEFAULTS, "blocks": "all"}), (), (), _words_default(),
-            "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
-    OptSpec("abl_sigma_low0.1", "ablation: defaults with sigma_low=0.1 (the defaults at "
-            "e50f853)", _mlbfgs(**{**MLBFGS_DEFAULTS, **MLBFGS_E50F853_DEFAULTS}), (), (),
-            _words_default(), "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
-    OptSpec("abl_first_defaults", "ablation: the library's first defaults (beta 0.9, "
-            "sigma_low 0.01, no sigma_yy, no bias correction)", _mlbfgs(**MLBFGS_FIRST_DEFAULTS),
-            (), (), _words_default(), "4M + 7 + 8/T", ablation_of="mlbfgs_default"),
+    # Ablations of the defaults, one change each, run at mlbfgs_default's best lr.
+    _ablation("abl_no_pairs", "no curvature pairs (update_period 10^9): the same chain with "
+              "H = D, i.e. bias-corrected RMSprop + debiased EMA momentum 0.9 (an Adam variant)", update_period=10 ** 9),
+    _ablation("abl_no_step_bound", "step_bound=None", step_bound=None),
+    _ablation("abl_sigma_0.5_1.5", "sigma_low, sigma_high = 0.5, 1.5 (the old bounds)",
+              sigma_low=0.5, sigma_high=1.5),
+    _ablation("abl_no_momentum", "momentum=None", momentum=None),
+    _ablation("abl_no_roundoff", "roundoff_rejection=None", roundoff_rejection=None),
+    _ablation("abl_blocks_all", "blocks='all' (one block)", blocks="all"),
 )
-
 SPEC_BY_NAME = {s.name: s for s in SPECS}

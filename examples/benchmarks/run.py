@@ -35,7 +35,7 @@ from examples.benchmarks.optimizers import SPECS, OptSpec
 from examples.benchmarks.tasks import TASK_NAMES, Task, default_tasks, make_task
 
 
-QUICK_SPECS = ("sgd", "muon", "mlbfgs_default", "mlbfgs_authors", "nsgdm", "abl_beta0")
+QUICK_SPECS = ("sgd", "muon", "mlbfgs_default", "mlbfgs_authors", "nsgdm", "abl_no_pairs")
 QUICK_TASKS = ("mnist1d_mlp", "fmnist_mlp", "logreg")
 
 
@@ -249,7 +249,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
                 chosen.setdefault(r["optimizer"], {})[r["seed"]] = r
         groups = {
             name: [o for o in chosen if not o.startswith("abl_")],
-            f"{name}_ablation": ["mlbfgs_default", "mlbfgs_naive"]
+            f"{name}_ablation": ["mlbfgs_default", "mlbfgs_paper"]
             + [o for o in chosen if o.startswith("abl_")],
         }
         ykey = "gap" if t["fstar"] is not None else "test_acc"

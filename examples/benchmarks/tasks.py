@@ -253,9 +253,9 @@ def make_task(name: str, fmnist_train_subset: int = 20000) -> Task:
                     batch_size=32, steps=2000, quick_steps=200, metric="gap", target=1e-2,
                     l2=LOGREG_LAMBDA, fstar=LOGREG_FSTAR, num_classes=2,
                     # Raw features reach ~4e3, so the Hessian's top eigenvalue is ~1e6: SGD and
-                    # mL-BFGS with absolute damping bounds need lr ~1e-6, and a normalised
-                    # step (authors' recipe) of length 0.1 is far too long (see README).
-                    lr_scale={"sgd": 3e-5, "mlbfgs_naive": 1e-5, "mlbfgs_default": 1e-5,
-                              "mlbfgs_authors": 1e-2, "mlbfgs_authors_fixes": 1e-2,
+                    # mL-BFGS in parameter units (H0 = gamma I, absolute damping bounds) need
+                    # lr ~1e-6, and a normalised step (authors' recipe) of length 0.1 is far
+                    # too long (see README). Adam-unit optimizers keep their grids.
+                    lr_scale={"sgd": 3e-5, "mlbfgs_paper": 1e-5, "mlbfgs_authors": 1e-2,
                               "nsgdm": 1e-2})
     raise ValueError(f"unknown task {name!r}; expected one of {TASK_NAMES}")
