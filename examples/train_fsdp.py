@@ -101,7 +101,7 @@ def main(argv=None):
     xte_d, yte_d = (jax.device_put(a[:n_test], batch) for a in (xte, yte))
     rng = np.random.default_rng(args.seed)
     losses, acc = [], float("nan")
-    start = after_compile = time.perf_counter()
+    after_compile = time.perf_counter()
     with jax.set_mesh(mesh):
         for step in range(args.steps):
             idx = rng.choice(len(xtr), args.batch_size, replace=False)

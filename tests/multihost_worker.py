@@ -110,8 +110,11 @@ def main(argv):
         u, st = opt.update(grads, st, p)
         return optax.apply_updates(p, u), st
 
-    step = jax.jit(step, out_shardings=(param_shardings,
-                                        jax.tree.map(lambda a: a.sharding, state)))
+    # Scalars that optax creates uncommitted (optax.ema's count) live on one local
+    # device; a multi-process program places them replicated, as for optax.adam.
+    state_shardings = jax.tree.map(
+        lambda a: a.sharding if isinstance(a.sharding, NamedSharding) else replicated, state)
+    step = jax.jit(step, out_shardings=(param_shardings, state_shardings))
     for i in range(STEPS):
         xb, yb = batch(x, y, i)
         params, state = step(params, state, global_array(xb, rows), global_array(yb, rows))

@@ -23,7 +23,7 @@ def test_train_data_parallel_quick(capsys):
     out = capsys.readouterr().out
     assert "bytes per device" in out and "final test accuracy" in out
     assert r["n_devices"] == 8 and r["num_blocks"] == 16
-    # Every device holds 1/8 of the state, up to the few replicated scalars
+    # Every device holds 1/8 of the mL-BFGS state, up to the few replicated scalars
     # (count and the 4 average weights: 4 + 4 * 4 bytes).
     assert len(r["state_bytes_by_device"]) == 8
     assert r["state_bytes_per_device"] <= r["state_bytes_single_device"] / 8 + 20

@@ -204,3 +204,23 @@ def test_50k_float32_steps_rosenbrock_and_quadratic_stay_converged(lr):
     x, st = _long_run(quad, jnp.zeros(100, jnp.float32), lr, 50_000)
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(st))
     assert float(quad(x)) < 1e-5, float(quad(x))
+
+
+def test_without_momentum_rosenbrock_gets_close_but_does_not_settle():
+    """A known limit, pinned: momentum=None at a constant lr of 1e-2 reaches f < 1e-6 on
+    Rosenbrock from (0, 0) but then wanders (RMSprop-like steps that do not shrink); the
+    defaults (momentum 0.9) converge (tests/test_optax_contract.py)."""
+    rosen = lambda x: (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2  # noqa: E731
+    tx = mlbfgs_optax.mlbfgs(1e-2, momentum=None)
+
+    @jax.jit
+    def run(x):
+        def body(carry, _):
+            x, st = carry
+            u, st = tx.update(jax.grad(rosen)(x), st, x)
+            return (optax.apply_updates(x, u), st), rosen(x)
+
+        return jax.lax.scan(body, (x, tx.init(x)), length=30_000)[1]
+
+    f = np.asarray(run(jnp.zeros(2, jnp.float32)))
+    assert np.all(np.isfinite(f)) and f.min() < 1e-6

@@ -204,7 +204,7 @@ def test_damped_pair_rayleigh_quotient_in_bounds(n, seed, log_scale_s, log_scale
 def _opt_step():
     tx = mlbfgs_optax.scale_by_mlbfgs(memory_size=3, update_period=2, beta=0.5,
                                       sigma_low=0.01, sigma_high=1.5, tau_max=0.99,
-                                      pair_momentum=0.5)
+                                      pair_momentum=0.5, metric="identity", step_bound=None)
     return tx, jax.jit(tx.update)
 
 
