@@ -8,6 +8,8 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
@@ -112,3 +114,83 @@ def test_cifar10_task_reads_a_user_directory(tmp_path, monkeypatch):
     params = task.init(jax.random.PRNGKey(0))
     logits = task.apply(params, task.x_test)
     assert logits.shape == (4, 10)
+
+
+# ----------------------------------------------------------------------------- paper scale
+
+
+def test_stdlib_corpus_splits_by_file():
+    """The LM corpus: every tenth stdlib file held out whole; bytes, not text."""
+    from examples.benchmarks import scale_tasks
+
+    train, valid, info = scale_tasks.load_stdlib_corpus()
+    assert train.dtype == valid.dtype == np.uint8
+    assert info["train_bytes"] == train.size and info["valid_bytes"] == valid.size
+    assert 0.03 < valid.size / (train.size + valid.size) < 0.3
+    # No held-out file's opening bytes occur in the training split.
+    assert bytes(valid[:200]) not in bytes(train)
+    again = scale_tasks.load_stdlib_corpus(max_bytes=1000)
+    assert again[0].size == 1000 and np.array_equal(again[0], train[:1000])
+
+
+def test_augment_crops_and_flips_within_the_padded_image():
+    from examples.benchmarks import scale_tasks
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 256, size=(8, 32, 32, 1), dtype=np.uint8)
+    out = scale_tasks._augment(jax.random.key(0), jnp.asarray(x))
+    assert out.shape == (8, 32, 32, 1) and out.dtype == jnp.float32
+    out = np.rint(np.asarray(out) * 255).astype(np.uint8)
+    padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    flips = 0
+    for i in range(8):  # each output is one crop of the padded image, maybe mirrored
+        found = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
+                 if np.array_equal(out[i], (lambda c: c[:, ::-1] if f else c)(
+                     padded[i, dy:dy + 32, dx:dx + 32]))]
+        assert found, i
+        flips += found[0][2]
+    assert 0 < flips < 8  # both orientations occur (fixed key: deterministic)
+
+
+def test_resnet_batch_stats_are_carried_through_the_train_state():
+    """The BatchNorm statistics are updated by a training step and used in evaluation."""
+    from examples.benchmarks import scale, scale_tasks
+
+    task = scale_tasks.lm_task(quick=True, dim=16, layers=1, batch_size=4, steps=2,
+                               eval_every=1)
+    params, model_state = task.init(jax.random.key(0))
+    assert model_state == {}
+    model = scale_tasks.ResNet(1, 4)
+    x = jnp.ones((2, 32, 32, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, new = model.apply(variables, x * 3.0, train=True, mutable=["batch_stats"])
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
+                           new["batch_stats"])
+    assert any(jax.tree.leaves(changed))
+    assert issubclass(scale.TrainState, scale.train_state.TrainState)
+
+
+def test_scale_quick_run(tmp_path):
+    """Both paper-scale tasks end to end in --quick mode (the ResNet needs Fashion-MNIST,
+    which .ci/run extracts from Debian's package; without it only the LM runs)."""
+    from examples import datasets
+    from examples.benchmarks import scale
+
+    tasks = ["lm"] + (["resnet"] if datasets.find_fashion_mnist() else [])
+    with jax.numpy_rank_promotion("allow"):
+        result = scale.main(["--quick", "--tasks", *tasks, "--optimizers", "sgd",
+                             "mlbfgs_default", "--no-bf16", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "scale.json").read_text())
+    assert set(data["tasks"]) == set(tasks) == set(result["tasks"])
+    for t in data["tasks"].values():
+        assert set(t["summary"]) == {"sgd", "mlbfgs_default"}
+        for s in t["summary"].values():
+            assert s["step_ms"] > 0 and s["state_bytes_per_param"] > 0
+            assert s["peak_step_bytes"] is None or s["peak_step_bytes"] > 0
+            assert math.isfinite(s["final_median"])
+        run = t["runs"]["mlbfgs_default"][0]
+        assert run["step"] == sorted(run["step"]) and len(run["metric"]) == len(run["step"])
+    md = (tmp_path / "scale.md").read_text()
+    assert all(f"## {n}" in md for n in tasks)
+    for n in tasks:
+        assert (tmp_path / f"scale_{n}.png").read_bytes()[:8] == PNG_MAGIC
