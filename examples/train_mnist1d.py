@@ -10,11 +10,9 @@ and the test accuracy against the step::
     python examples/train_mnist1d.py --steps 5000 --out curves.png
     python examples/train_mnist1d.py --quick         # smoke test, a few seconds
 
-mL-BFGS clamps the curvature ``s'y / s's`` of every pair to an absolute range
-[``sigma_low``, ``sigma_high``], so it takes SGD-like learning rates. Along a
-pair's ``s`` the direction can grow by up to ``1 / sigma_low``: this script uses
-``sigma_low=0.5`` (at most 2x) because with the library default 0.01 (up to
-100x) this CNN diverged within a few hundred steps at learning rates 0.02-0.1.
+mL-BFGS runs with the library's defaults (Adam's diagonal metric, so its learning
+rate has Adam's meaning: 1e-2 here); ``--sigma-low``, ``--update-period``,
+``--memory-size`` and ``--beta`` override them.
 """
 
 from __future__ import annotations

@@ -26,26 +26,32 @@ from examples.benchmarks import harness
 from examples.common import bytes_per_device, tree_bytes
 
 LAYERS = [(1024, 1024), (1024, 1024), (1024, 256)]
+LR = 1e-2
 
 
 def measure(n: int) -> dict:
     """Bytes per device of each layout on the first ``n`` devices."""
     mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
     params = harness.dense_params(LAYERS)
-    single = tree_bytes(jax.eval_shape(mlbfgs_optax.mlbfgs(0.1).init, params))
+    whole = jax.eval_shape(mlbfgs_optax.mlbfgs(LR).init, params)
+    single = tree_bytes(whole)
+    single_ml = tree_bytes(mlbfgs_optax.find_mlbfgs_state(whole))
     specs = {
         "fsdp": lambda x: P("data") if x.shape[0] % n == 0 else P(),
         "tensor_parallel": lambda x: P(*(None,) * (x.ndim - 1), "data")
         if x.shape[-1] % n == 0 else P(),
         "zero": lambda x: P(),
     }
-    out = {"n": n, "single_device_bytes": single}
+    out = {"n": n, "single_device_bytes": single, "single_device_mlbfgs_bytes": single_ml}
     for name, spec in specs.items():
         placed = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params)
-        opt = (mlbfgs_optax.mlbfgs(0.1, blocks=mlbfgs_optax.EqualSlices(2 * n), mesh=mesh,
+        opt = (mlbfgs_optax.mlbfgs(LR, blocks=mlbfgs_optax.EqualSlices(2 * n), mesh=mesh,
                                    axis_name="data") if name == "zero"
-               else mlbfgs_optax.mlbfgs(0.1))
-        out[name] = max(bytes_per_device(opt.init(placed)).values())
+               else mlbfgs_optax.mlbfgs(LR))
+        state = opt.init(placed)
+        out[name] = max(bytes_per_device(state).values())
+        out[name + "_mlbfgs"] = max(bytes_per_device(
+            mlbfgs_optax.find_mlbfgs_state(state)).values())
     return out
 
 
@@ -58,14 +64,20 @@ def main(argv=None):
     n_params = sum(x.size for x in jax.tree.leaves(harness.dense_params(LAYERS)))
     md = [f"# Optimizer state bytes per device ({harness.library_version()}; "
           f"{harness.machine()})", "",
-          f"MLP {LAYERS}, {n_params:,} float32 parameters, `mlbfgs` defaults (M = 10).", "",
+          f"MLP {LAYERS}, {n_params:,} float32 parameters, `mlbfgs` defaults (M = 10). "
+          "Each cell: the whole optimizer state, then the mL-BFGS element's state alone "
+          "(`find_mlbfgs_state`; the rest is the momentum of the chain, a params-shaped "
+          "buffer that is sharded like the params: replicated under ZeRO).", "",
           "| devices | one device | fsdp (leaf blocks) | tensor parallel (leaf blocks) | "
           "ZeRO (EqualSlices + mesh) |", "|---|---|---|---|---|"]
+    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
     for r in rows:
-        cells = [f"{r[k] / 2**20:.1f} MiB ({r['single_device_bytes'] / r[k]:.2f}x less)"
+        cells = [f"{mib(r[k])} ({r['single_device_bytes'] / r[k]:.2f}x less); mL-BFGS "
+                 f"{mib(r[k + '_mlbfgs'])} "
+                 f"({r['single_device_mlbfgs_bytes'] / r[k + '_mlbfgs']:.2f}x less)"
                  for k in ("fsdp", "tensor_parallel", "zero")]
-        md.append(f"| {r['n']} | {r['single_device_bytes'] / 2**20:.1f} MiB | "
-                  + " | ".join(cells) + " |")
+        md.append(f"| {r['n']} | {mib(r['single_device_bytes'])}; mL-BFGS "
+                  f"{mib(r['single_device_mlbfgs_bytes'])} | " + " | ".join(cells) + " |")
     text = "\n".join(md) + "\n"
     print(text)
     harness.write_report(args.out, "layouts", {"rows": rows, "library": harness.library_version()},

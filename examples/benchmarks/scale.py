@@ -6,7 +6,8 @@ mL-BFGS, the authors' recipe and normalized SGD+momentum as its control):
 1. Learning-rate grid: 5 peak learning rates half a decade apart (the middle five of
    the 7-point grids of ``optimizers.py``), one seed each, on a short budget
    (``--grid-fraction`` of the full steps, with its own warm-up + cosine schedule).
-   The best is the one with the best held-out metric at the end.
+   The best is the one with the best held-out metric at the end; where it is at an edge
+   of the grid, the grid is extended by half a decade on that side (at most twice).
 2. Full budget: the best learning rate, 3 seeds, warm-up (5% of the steps) + cosine
    decay to 0; held-out metric every ``eval_every`` steps.
 3. ``mlbfgs_default`` again at its best lr with ``history_dtype=jnp.bfloat16``.
@@ -139,12 +140,8 @@ class ScaleTrainer:
             if not np.isfinite(hist["test_loss"][-1]):
                 diverged = True
                 break
-        hit = [i for i, v in enumerate(hist["metric"]) if scale_tasks.reached(self.task, v)]
-        first = hit[0] if hit else None
         hist.update(
             lr=lr, seed=seed, diverged=diverged, final_metric=hist["metric"][-1],
-            steps_to_target=hist["step"][first] if first is not None else None,
-            seconds_to_target=hist["seconds"][first] if first is not None else None,
             step_seconds=float(np.median(chunk_times)) / self.eval_every)
         return hist
 
@@ -168,11 +165,14 @@ def _score(task, run) -> float:
 
 
 def bench_task(task, optimizers: Sequence[str], grid_steps: int, quick: bool,
-               seeds: int, log, bf16: bool = True) -> dict:
-    """Grid search, full runs and (``bf16``) the bfloat16-history run for one task."""
+               seeds: int, log, bf16: bool = True, ablations: Sequence[str] = (),
+               ablation_lr: Optional[float] = None) -> dict:
+    """Grid search, full runs, (``bf16``) the bfloat16-history run, and the ``ablations``
+    (names from ``optimizers.py``) at ``mlbfgs_default``'s best lr, or at ``ablation_lr``
+    when ``mlbfgs_default`` is not run."""
     out: dict = {"description": task.description, "info": task.info,
                  "num_params": task.num_params, "steps": task.steps,
-                 "grid_steps": grid_steps, "target": task.target, "metric": task.metric,
+                 "grid_steps": grid_steps, "preset_target": task.target, "metric": task.metric,
                  "grid": {}, "runs": {}, "summary": {}}
     trainers: dict = {}
 
@@ -187,25 +187,44 @@ def bench_task(task, optimizers: Sequence[str], grid_steps: int, quick: bool,
     for opt in optimizers:
         tr = trainer(opt, grid_steps, geval)
         scores = {}
-        for lr in _grid(opt, quick):
+
+        def try_lr(lr):
             r = tr.run(lr, seed=0)
             scores[lr] = (r["final_metric"], r["diverged"])
             log(f"  [{task.name}] grid {opt} lr={lr:g}: {r['final_metric']:.4f}"
                 f"{' (diverged)' if r['diverged'] else ''}")
+
+        for lr in _grid(opt, quick):
+            try_lr(lr)
+        # Never leave the best at an edge: extend by half a decade (at most twice per side).
+        for _ in range(0 if quick else 2):
+            lrs = sorted(scores)
+            best = max(lrs, key=lambda k: _score(task, {"final_metric": scores[k][0],
+                                                        "diverged": scores[k][1]}))
+            if best not in (lrs[0], lrs[-1]):
+                break
+            e = round(2 * math.log10(best)) / 2 + (0.5 if best == lrs[-1] else -0.5)
+            try_lr(float(f"{10 ** e:.3g}"))
+        scores = dict(sorted(scores.items()))
         out["grid"][opt] = {str(k): v for k, v in scores.items()}
     extra = ["mlbfgs_bf16"] if bf16 and "mlbfgs_default" in optimizers else []
-    for opt in list(optimizers) + extra:
+    for opt in list(optimizers) + extra + list(ablations):
         base = "mlbfgs_default" if opt == "mlbfgs_bf16" else opt
-        grid = out["grid"][base]
-        best = max(grid, key=lambda k: _score(task, {"final_metric": grid[k][0],
-                                                     "diverged": grid[k][1]}))
+        if opt in ablations and "mlbfgs_default" not in out["grid"]:
+            best, grid = str(ablation_lr), [str(ablation_lr)]  # the lr given on the command line
+        else:
+            grid = out["grid"]["mlbfgs_default" if opt in ablations else base]
+            best = max(grid, key=lambda k: _score(task, {"final_metric": grid[k][0],
+                                                         "diverged": grid[k][1]}))
+            grid = list(grid)
         tr = trainer(base, task.steps, task.eval_every, opt == "mlbfgs_bf16")
         runs = [tr.run(float(best), seed) for seed in range(seeds)]
         out["runs"][opt] = runs
-        out["summary"][opt] = _summary(task, runs, tr, best, list(grid))
+        out["summary"][opt] = _summary(task, runs, tr, best, grid)
         s = out["summary"][opt]
         log(f"  [{task.name}] {opt} lr={best}: final {s['final_median']:.4f} "
-            f"steps-to-target {s['steps_to_target']} step {s['step_ms']:.1f} ms")
+            f"step {s['step_ms']:.1f} ms")
+    apply_target(out)
     sgd_ms = out["summary"].get("sgd", {}).get("step_ms")
     for s in out["summary"].values():
         s["step_time_ratio_to_sgd"] = s["step_ms"] / sgd_ms if sgd_ms else None
@@ -214,18 +233,12 @@ def bench_task(task, optimizers: Sequence[str], grid_steps: int, quick: bool,
 
 def _summary(task, runs, tr: ScaleTrainer, best: str, grid: list) -> dict:
     finals = [r["final_metric"] for r in runs]
-    reach = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
-    secs = [r["seconds_to_target"] for r in runs if r["seconds_to_target"] is not None]
     edge = best in (grid[0], grid[-1])
     return {
         "lr": float(best), "lr_at_grid_edge": edge, "seeds": len(runs),
         "final_median": float(np.median(finals)), "final_min": float(np.min(finals)),
         "final_max": float(np.max(finals)),
         "diverged": sum(r["diverged"] for r in runs),
-        "reached": len(reach),
-        # Median over seeds when every seed reached the target, else None.
-        "steps_to_target": float(np.median(reach)) if len(reach) == len(runs) else None,
-        "seconds_to_target": float(np.median(secs)) if len(secs) == len(runs) else None,
         "step_ms": 1e3 * float(np.median([r["step_seconds"] for r in runs])),
         "compile_s": tr.compile_seconds,
         "state_bytes_per_param": tr.state_bytes / task.num_params,
@@ -233,7 +246,42 @@ def _summary(task, runs, tr: ScaleTrainer, best: str, grid: list) -> dict:
     }
 
 
+def _median_inf(values):
+    """Median where None (never reached) counts as +inf; None if the median is inf."""
+    v = float(np.median([math.inf if x is None else x for x in values]))
+    return None if math.isinf(v) else v
+
+
+def apply_target(t: dict, baselines: Sequence[str] = ("sgd", "adamw")) -> None:
+    """Sets the target and the steps/seconds to it, in place, for one task's results.
+
+    The target is the best median final metric of the tuned baselines (SGD+momentum and
+    AdamW), as AlgoPerf sets its targets from tuned baselines; the task's own preset
+    target is used when no baseline ran. For each run: the first evaluation at or past the
+    target; per optimizer: the median over seeds, a seed that never gets there counting as
+    infinite (so a median is reported when most seeds get there).
+    """
+    better = max if t["metric"] == "acc" else min
+    finals = [t["summary"][b]["final_median"] for b in baselines if b in t["summary"]]
+    t["target"] = better(finals) if finals else t["preset_target"]
+    t["target_rule"] = ("best baseline" if finals else "preset")
+    ok = (lambda v: v >= t["target"]) if t["metric"] == "acc" else (lambda v: v <= t["target"])
+    for opt, runs in t["runs"].items():
+        for r in runs:
+            first = next((i for i, v in enumerate(r["metric"]) if ok(v)), None)
+            r["steps_to_target"] = r["step"][first] if first is not None else None
+            r["seconds_to_target"] = r["seconds"][first] if first is not None else None
+        s = t["summary"][opt]
+        s["reached"] = sum(r["steps_to_target"] is not None for r in runs)
+        s["steps_to_target"] = _median_inf([r["steps_to_target"] for r in runs])
+        s["seconds_to_target"] = _median_inf([r["seconds_to_target"] for r in runs])
+
+
 # ----------------------------------------------------------------------------- report
+
+
+_RULES = {"best baseline": "the best median final value of SGD+momentum and AdamW",
+          "preset": "preset"}
 
 
 def markdown(result: dict) -> str:
@@ -250,14 +298,14 @@ def markdown(result: dict) -> str:
         cmp = ">=" if t["metric"] == "acc" else "<="
         lines += [f"## {t['name']}", "", f"{t['description']}; {t['num_params']} parameters; "
                   f"{t['steps']} steps, evaluated every {t['eval_every']}. Target: {unit} "
-                  f"{cmp} {t['target']}.", "",
+                  f"{cmp} {t['target']:.4f} ({_RULES[t['target_rule']]}).", "",
                   f"| optimizer | lr | final {unit} median [min, max] | steps to target | "
                   "s to target | step ms | step time / SGD | state B/param | peak step MiB |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for opt, s in t["summary"].items():
             lr = f"{s['lr']:g}" + (" (grid edge)" if s["lr_at_grid_edge"] else "")
             reach = (f"{s['steps_to_target']:.0f}" if s["steps_to_target"] is not None
-                     else f"– ({s['reached']}/{s['seeds']} reached)")
+                     else "–") + f" ({s['reached']}/{s['seeds']})"
             sec = f"{s['seconds_to_target']:.1f}" if s["seconds_to_target"] is not None else "–"
             div = f" ({s['diverged']} diverged)" if s["diverged"] else ""
             ratio = s.get("step_time_ratio_to_sgd")
@@ -265,8 +313,10 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {opt} | {lr} | {s['final_median']:.4f} [{s['final_min']:.4f}, "
                 f"{s['final_max']:.4f}]{div} | {reach} | {sec} | {s['step_ms']:.1f} | "
-                f"{ratio:.2f} | {s['state_bytes_per_param']:.1f} | "
+                f"{'–' if ratio is None else f'{ratio:.2f}'} | "
+                f"{s['state_bytes_per_param']:.1f} | "
                 f"{peak / 2**20 if peak else float('nan'):.1f} |")
+        lines += [f"\n{opt}: {s['note']}" for opt, s in t["summary"].items() if s.get("note")]
         lines += ["", "Grid (seed 0, short budget): " + "; ".join(
             f"{o}: " + ", ".join(f"{lr}→{v[0]:.3f}{'(div)' if v[1] else ''}"
                                  for lr, v in g.items()) for o, g in t["grid"].items()), ""]
@@ -285,7 +335,7 @@ def plot(task_result: dict, path: str) -> None:
         finals = [r["final_metric"] for r in runs]
         r = runs[int(np.argsort(finals)[len(finals) // 2])]
         for col, xkey in enumerate(("step", "seconds")):
-            axes[0, col].plot(r[xkey], r["metric"], label=opt)
+            axes[0, col].plot(r[xkey][1:], r["metric"][1:], label=opt)  # skip the init
             axes[1, col].plot(r[xkey][1:], r["train_loss"][1:], label=opt)
     ylab = "test accuracy" if task_result["metric"] == "acc" else "held-out bits/byte"
     for col, xl in enumerate(("steps", "seconds (training only)")):
@@ -299,17 +349,41 @@ def plot(task_result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _write(out: str, result: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    harness.write_report(out, "scale", result, markdown(result))
+    for name, tr in result["tasks"].items():
+        plot(tr, os.path.join(out, f"scale_{name}.png"))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CI smoke run: tiny budgets, 1 seed")
     p.add_argument("--tasks", nargs="+", default=list(scale_tasks.TASKS))
-    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
+    p.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
     p.add_argument("--seeds", type=int, default=None, help="default 3 (1 with --quick)")
+    p.add_argument("--ablations", nargs="*", default=[],
+                   help="mL-BFGS ablations of optimizers.py (e.g. abl_no_pairs), 3 seeds at "
+                        "mlbfgs_default's best lr")
+    p.add_argument("--ablation-lr", type=float, default=None,
+                   help="the ablations' lr when mlbfgs_default is not among --optimizers")
     p.add_argument("--no-bf16", dest="bf16", action="store_false",
                    help="skip the mlbfgs run with history_dtype=bfloat16")
     p.add_argument("--grid-fraction", type=float, default=0.2)
     p.add_argument("--out", default=os.path.join(harness.DEFAULT_OUT, "scale"))
+    p.add_argument("--report", metavar="JSON",
+                   help="re-render scale.md and the plots from a scale.json, without training")
     args = p.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            result = json.load(f)
+        for t in result["tasks"].values():
+            t.setdefault("preset_target", t["target"])
+            apply_target(t)
+        _write(args.out, result)
+        return result
+    if args.ablations and "mlbfgs_default" not in args.optimizers and args.ablation_lr is None:
+        p.error("--ablations without mlbfgs_default in --optimizers needs --ablation-lr")
     seeds = args.seeds or (1 if args.quick else 3)
     t_start = time.perf_counter()
     result = {"config": {"quick": args.quick, "seeds": seeds, "grid_fraction": args.grid_fraction,
@@ -319,7 +393,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for name in args.tasks:
         kw = dict(steps=8, eval_every=4) if args.quick else {}
         if args.quick and name == "resnet":
-            kw.update(width=8, batch_size=32)
+            kw.update(width=4, batch_size=16)
         if args.quick and name == "lm":
             kw.update(dim=32, layers=1, batch_size=8)
         task = scale_tasks.TASKS[name](quick=args.quick, **kw)
@@ -327,14 +401,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       else max(task.eval_every, int(args.grid_fraction * task.steps)))
         print(f"[{name}] {task.description}; {task.num_params} params", flush=True)
         tr = bench_task(task, args.optimizers, grid_steps, args.quick, seeds,
-                        lambda s: print(s, flush=True), bf16=args.bf16)
+                        lambda s: print(s, flush=True), bf16=args.bf16,
+                        ablations=args.ablations, ablation_lr=args.ablation_lr)
         tr.update(name=name, eval_every=task.eval_every)
         result["tasks"][name] = tr
     result["total_seconds"] = time.perf_counter() - t_start
-    os.makedirs(args.out, exist_ok=True)
-    harness.write_report(args.out, "scale", result, markdown(result))
-    for name, tr in result["tasks"].items():
-        plot(tr, os.path.join(args.out, f"scale_{name}.png"))
+    _write(args.out, result)
     print(json.dumps({n: {o: s["final_median"] for o, s in t["summary"].items()}
                       for n, t in result["tasks"].items()}))
     return result

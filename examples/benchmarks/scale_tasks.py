@@ -170,8 +170,9 @@ class ScaleTask:
       sample: ``(key, data) -> (x, y)``, one augmented training batch (jittable).
       eval_batches: ``data -> (xs, ys)``, lists of evaluation batches.
       batch_size, steps, eval_every: the training budget of the full run.
-      metric, target: ``"acc"`` (test accuracy to reach, higher is better) or
-        ``"bits"`` (held-out bits per byte to get below).
+      metric, target: ``"acc"`` (test accuracy, higher is better) or ``"bits"``
+        (held-out bits per byte, lower is better); ``target`` is a preset used only when
+        no baseline ran (``scale.apply_target`` sets targets from the baselines).
       info: what to report about the data.
     """
 
@@ -337,13 +338,3 @@ def lm_task(quick: bool = False, context: int = 64, dim: int = 128, layers: int 
 
 
 TASKS: dict[str, Callable[..., ScaleTask]] = {"resnet": resnet_task, "lm": lm_task}
-
-
-def better(task: ScaleTask, a: float, b: float) -> bool:
-    """Whether metric value ``a`` is better than ``b`` on ``task``."""
-    return a > b if task.metric == "acc" else a < b
-
-
-def reached(task: ScaleTask, value: Any) -> bool:
-    """Whether a held-out metric value meets the task's target."""
-    return bool(value >= task.target) if task.metric == "acc" else bool(value <= task.target)
