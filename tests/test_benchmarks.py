@@ -190,3 +190,27 @@ def test_scale_quick_run(tmp_path):
     assert all(f"## {n}" in md for n in tasks)
     for n in tasks:
         assert (tmp_path / f"scale_{n}.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_scale_resnet_reads_cifar10_from_a_user_directory(tmp_path, monkeypatch):
+    """With $CIFAR10_DIR set, the ResNet task trains on CIFAR-10 (3 channels) instead."""
+    import pickle
+
+    from examples.benchmarks import scale_tasks
+
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, size=4))}
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(batch, f)
+    monkeypatch.setenv("CIFAR10_DIR", str(tmp_path))
+    task = scale_tasks.resnet_task(quick=True, width=4, batch_size=2)
+    assert task.info["dataset"] == "CIFAR-10" and task.data["x_train"].shape == (20, 32, 32, 3)
+    x, y = task.sample(jax.random.key(0), task.data)
+    assert x.shape == (2, 32, 32, 3) and y.shape == (2,)
+    params, model_state = task.init(jax.random.key(0))
+    assert "batch_stats" in model_state
+    loss, new_state = task.loss(params, model_state, x, y)
+    assert np.isfinite(float(loss)) and jax.tree.structure(new_state) == jax.tree.structure(
+        model_state)
