@@ -6,7 +6,7 @@ the same initial parameters. The script prints a summary table (test accuracy,
 losses, wall time, milliseconds per step) and saves a plot of the training loss
 and the test accuracy against the step::
 
-    python examples/train_mnist1d.py                 # defaults: about 20 s on 2 CPU cores
+    python examples/train_mnist1d.py                 # defaults: about 10 s on 2 CPU cores
     python examples/train_mnist1d.py --steps 5000 --out curves.png
     python examples/train_mnist1d.py --quick         # smoke test, a few seconds
 
