@@ -90,21 +90,24 @@ def test_overhead_markdown_is_well_formed():
     assert md.count("| sgd (momentum 0.9) |") == 2 and "| 2 | 2.00 | 1.00 |" in md
 
 
-def test_cifar10_task_reads_a_user_directory(tmp_path, monkeypatch):
-    """CIFAR-10 cannot be downloaded here: the task reads the python-pickle batches
-    from $CIFAR10_DIR. A tiny directory in that format stands in for the real one."""
+def _write_fake_cifar10(path):
+    """Four random images per batch, in CIFAR-10's python-pickle format, under ``path``."""
     import pickle
-
-    import numpy as np
-
-    from examples.benchmarks import tasks
 
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8),
                  b"labels": list(rng.integers(0, 10, size=4))}
-        with open(tmp_path / name, "wb") as f:
+        with open(path / name, "wb") as f:
             pickle.dump(batch, f)
+
+
+def test_cifar10_task_reads_a_user_directory(tmp_path, monkeypatch):
+    """CIFAR-10 cannot be downloaded here: the task reads the python-pickle batches
+    from $CIFAR10_DIR. A tiny directory in that format stands in for the real one."""
+    from examples.benchmarks import tasks
+
+    _write_fake_cifar10(tmp_path)
     monkeypatch.delenv("CIFAR10_DIR", raising=False)
     assert "cifar10_cnn" not in tasks.default_tasks()
     monkeypatch.setenv("CIFAR10_DIR", str(tmp_path))
@@ -194,16 +197,9 @@ def test_scale_quick_run(tmp_path):
 
 def test_scale_resnet_reads_cifar10_from_a_user_directory(tmp_path, monkeypatch):
     """With $CIFAR10_DIR set, the ResNet task trains on CIFAR-10 (3 channels) instead."""
-    import pickle
-
     from examples.benchmarks import scale_tasks
 
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8),
-                 b"labels": list(rng.integers(0, 10, size=4))}
-        with open(tmp_path / name, "wb") as f:
-            pickle.dump(batch, f)
+    _write_fake_cifar10(tmp_path)
     monkeypatch.setenv("CIFAR10_DIR", str(tmp_path))
     task = scale_tasks.resnet_task(quick=True, width=4, batch_size=2)
     assert task.info["dataset"] == "CIFAR-10" and task.data["x_train"].shape == (20, 32, 32, 3)

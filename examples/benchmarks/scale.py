@@ -102,8 +102,8 @@ class ScaleTrainer:
         self._step = jax.jit(train_step, donate_argnums=0).lower(s0, key_shape,
                                                                  lr_shape).compile()
         self.compile_seconds = time.perf_counter() - t0
-        eval_fn = jax.jit(task.eval_batch)
-        self._eval = lambda p, ms: task.evaluate(eval_fn, p, ms)
+        eval_fn, batches = jax.jit(task.eval_batch), task.eval_batches(task.data)
+        self._eval = lambda p, ms: task.evaluate(eval_fn, batches, p, ms)
         self.peak_bytes = _peak_bytes(self._step)
         self.state_bytes = tree_bytes(s0.opt_state)
 
@@ -123,9 +123,10 @@ class ScaleTrainer:
 
         record(0, 0.0, float("nan"))
         seconds, chunk_times, diverged = 0.0, [], False
+        lr32 = jnp.float32(lr)
         for c in range(self.steps // self.eval_every):
             keys = jax.random.split(jax.random.fold_in(key, c), self.eval_every)
-            keys, lr32 = [keys[i] for i in range(self.eval_every)], jnp.float32(lr)
+            keys = [keys[i] for i in range(self.eval_every)]
             jax.block_until_ready((keys, lr32))
             losses = []
             t0 = time.perf_counter()
@@ -156,12 +157,16 @@ def _peak_bytes(compiled) -> Optional[int]:
         return None
 
 
-def _score(task, run) -> float:
+def _score(task, final: float, diverged: bool) -> float:
     """Larger is better: the final metric (negated for bits/byte); -inf if diverged."""
-    v = run["final_metric"]
-    if run["diverged"] or not math.isfinite(v):
+    if diverged or not math.isfinite(final):
         return -math.inf
-    return v if task.metric == "acc" else -v
+    return final if task.metric == "acc" else -final
+
+
+def _best_lr(task, grid: dict):
+    """The lr of ``grid`` (lr -> (final metric, diverged)) with the best score."""
+    return max(grid, key=lambda k: _score(task, *grid[k]))
 
 
 def bench_task(task, optimizers: Sequence[str], grid_steps: int, quick: bool,
@@ -198,9 +203,7 @@ def bench_task(task, optimizers: Sequence[str], grid_steps: int, quick: bool,
             try_lr(lr)
         # Never leave the best at an edge: extend by half a decade (at most twice per side).
         for _ in range(0 if quick else 2):
-            lrs = sorted(scores)
-            best = max(lrs, key=lambda k: _score(task, {"final_metric": scores[k][0],
-                                                        "diverged": scores[k][1]}))
+            lrs, best = sorted(scores), _best_lr(task, scores)
             if best not in (lrs[0], lrs[-1]):
                 break
             e = round(2 * math.log10(best)) / 2 + (0.5 if best == lrs[-1] else -0.5)
@@ -214,9 +217,7 @@ def bench_task(task, optimizers: Sequence[str], grid_steps: int, quick: bool,
             best, grid = str(ablation_lr), [str(ablation_lr)]  # the lr given on the command line
         else:
             grid = out["grid"]["mlbfgs_default" if opt in ablations else base]
-            best = max(grid, key=lambda k: _score(task, {"final_metric": grid[k][0],
-                                                         "diverged": grid[k][1]}))
-            grid = list(grid)
+            best, grid = _best_lr(task, grid), list(grid)
         tr = trainer(base, task.steps, task.eval_every, opt == "mlbfgs_bf16")
         runs = [tr.run(float(best), seed) for seed in range(seeds)]
         out["runs"][opt] = runs

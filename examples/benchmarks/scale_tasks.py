@@ -213,24 +213,22 @@ class ScaleTask:
     def loss(self, params, model_state, x, y, train=True):
         """Mean cross-entropy (nats) and the new model state."""
         logits, labels, new = self.logits_and_labels(params, model_state, x, y, train)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
-        return nll, new
+        return jnp.mean(_nll(logits, labels)), new
 
     def eval_batch(self, params, model_state, x, y):
         """Summed held-out NLL (nats) and correct predictions of one evaluation batch."""
         logits, labels, _ = self.logits_and_labels(params, model_state, x, y, False)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.sum(jnp.take_along_axis(logp, labels[..., None], axis=-1))
-        return nll, jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        return (jnp.sum(_nll(logits, labels)),
+                jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.float32)))
 
-    def evaluate(self, eval_fn, params, model_state):
+    def evaluate(self, eval_fn, batches, params, model_state):
         """Held-out ``(loss, metric)``: accuracy, or bits/byte for the LM.
 
-        ``eval_fn`` is :meth:`eval_batch`, jitted by the caller; batches run in a Python
+        ``eval_fn`` is :meth:`eval_batch`, jitted by the caller, and ``batches`` is
+        :attr:`eval_batches` of the data, built once by the caller; batches run in a Python
         loop (a ``lax.map`` would put the convolutions in a while loop: slow on XLA:CPU).
         """
-        xs, ys = self.eval_batches(self.data)
+        xs, ys = batches
         nll, correct, count = 0.0, 0.0, 0
         for x, y in zip(xs, ys):
             a, b = eval_fn(params, model_state, x, y)
@@ -244,6 +242,12 @@ class ScaleTask:
     def num_params(self) -> int:
         p, _ = jax.eval_shape(self.init, jax.random.key(0))
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(p)))
+
+
+def _nll(logits, labels):
+    """Per-example (per-token) cross-entropy in nats, computed in float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
 
 
 def _augment(key, x_u8):
