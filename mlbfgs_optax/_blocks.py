@@ -180,6 +180,26 @@ class BlockLayout:
                 rows.append((seg.offset, dot.astype(dtype)))
         return self._combine(whole, rows, jnp.add, dtype)
 
+    def block_dot_history_many(self, history: list[jax.Array], vs: list[list[jax.Array]],
+                               dtype) -> jax.Array:
+        """``<h_m, v_k>`` per block for every slot ``m`` and packed vector ``v_k``: ``(B, M, K)``.
+
+        One matrix product per packed array against the stacked vectors, so
+        the history is read once for all ``K`` vectors.
+        """
+        whole: dict[int, list[jax.Array]] = {}
+        rows: list[tuple[int, jax.Array]] = []
+        for j, (h, seg) in enumerate(zip(history, self.segments)):
+            x = jnp.stack([v[j].astype(dtype) for v in vs])
+            if seg.rows is None:
+                dot = jnp.einsum("m...,k...->mk", h, x, preferred_element_type=dtype,
+                                 out_sharding=_replicated_like(x))
+                whole.setdefault(seg.offset, []).append(dot.astype(dtype))
+            else:
+                dot = jnp.einsum("mr...,kr...->rmk", h, x, preferred_element_type=dtype)
+                rows.append((seg.offset, dot.astype(dtype)))
+        return self._combine(whole, rows, jnp.add, dtype)
+
     def combine_history(self, coef: jax.Array, history: list[jax.Array], dtype) -> list[jax.Array]:
         """``sum_m coef[b, m] h_m`` for every packed array (``coef``: ``(B, M)``)."""
         out = []

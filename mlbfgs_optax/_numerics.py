@@ -46,3 +46,32 @@ def power_of_two_near(x: jax.Array) -> jax.Array:
       Array([4.  , 1.  , 1.  , 0.25], dtype=float32)
     """
     return jnp.where(jnp.isfinite(x) & (x > 0), jnp.exp2(jnp.round(jnp.log2(x))), 1.0)
+
+
+def at_most_once(pred, fn, carry):
+    """``fn(carry) if pred else carry``, as a ``jax.lax.while_loop`` of zero or one trip.
+
+    XLA updates a loop's carried buffers in place, while a ``lax.cond`` whose
+    false branch passes large arrays through gets a copy of every one of them
+    on every call (measured on XLA:CPU: 8 copies of the averages and snapshots
+    per mL-BFGS step; ``examples/benchmarks/hlo_passes.py`` lists them). Carry
+    only what ``fn`` writes and close over what it reads. Unlike ``lax.cond``,
+    the loop is not reverse-mode differentiable.
+
+    Args:
+      pred: a boolean scalar.
+      fn: ``carry -> carry``, same structure, shapes and dtypes.
+      carry: any pytree of arrays.
+
+    Returns:
+      ``fn(carry)`` where ``pred``, else ``carry``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mlbfgs_optax._numerics import at_most_once
+      >>> at_most_once(jnp.array(True), lambda c: c + 1, jnp.zeros(2))
+      Array([1., 1.], dtype=float32)
+    """
+    _, out = jax.lax.while_loop(
+        lambda c: c[0], lambda c: (jnp.zeros_like(c[0]), fn(c[1])), (jnp.asarray(pred), carry))
+    return out

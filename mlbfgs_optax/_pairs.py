@@ -145,6 +145,7 @@ class Products(NamedTuple):
         without cached Gram matrices.
       col_sy: :math:`s_q^\top \hat y_{\rm new}`, ``(B, M)``, or None.
       row_yy: :math:`\hat y_q^\top \hat y_{\rm new}`, ``(B, M)``, or None.
+      row_ss: :math:`s_q^\top s_{\rm new}`, ``(B, M)``, or None.
       finite: every product is finite, ``(B,)``.
     """
 
@@ -154,24 +155,54 @@ class Products(NamedTuple):
     row_sy: jax.Array | None
     col_sy: jax.Array | None
     row_yy: jax.Array | None
+    row_ss: jax.Array | None
     finite: jax.Array
 
 
-def products(layout, s, y_hat, s_hist, y_hist, slot, cache_gram: bool, acc) -> Products:
-    """The pair's inner products, and with ``cache_gram`` its Gram rows against the history."""
+def products(layout, s, y_hat, acc) -> Products:
+    r"""The pair's inner products :math:`s^\top s`, :math:`s^\top\hat y`, :math:`\hat y^\top\hat y`.
+
+    The Gram rows are taken after the pair is stored (:func:`gram_rows`); the
+    row fields are None here. Where ``finite``, every row is finite too: by
+    Cauchy-Schwarz, :math:`|a^\top b| \le \|a\| \|b\|`, and every stored
+    pair passed this test.
+    """
     ss = layout.block_dot(s, s, acc)
     sy = layout.block_dot(s, y_hat, acc)
     yy = layout.block_dot(y_hat, y_hat, acc)
     finite = jnp.isfinite(ss) & jnp.isfinite(sy) & jnp.isfinite(yy)
-    if not cache_gram:
-        return Products(ss, sy, yy, None, None, None, finite)
-    blocks_idx = jnp.arange(layout.num_blocks)
-    at_slot = lambda v, own: v.at[blocks_idx, slot].set(own)
-    row_sy = at_slot(layout.block_dot_history(y_hist, s, acc), sy)
-    col_sy = at_slot(layout.block_dot_history(s_hist, y_hat, acc), sy)
-    row_yy = at_slot(layout.block_dot_history(y_hist, y_hat, acc), yy)
-    finite &= jnp.all(jnp.isfinite(row_sy) & jnp.isfinite(col_sy) & jnp.isfinite(row_yy), axis=1)
-    return Products(ss, sy, yy, row_sy, col_sy, row_yy, finite)
+    return Products(ss, sy, yy, None, None, None, None, finite)
+
+
+def gram_rows(layout, p: Products, s_hist, y_hist, s, y_hat, q, acc) -> tuple:
+    r"""The new pair's products with every slot of a history, in one pass per history.
+
+    One matrix product per history, :math:`S^\top [s, \hat y, q]` and
+    :math:`\hat Y^\top [s, \hat y, q]`, gives the rows of all three Gram
+    matrices and :math:`S^\top q`, :math:`\hat Y^\top q` for the step's
+    direction (:mod:`mlbfgs_optax._direction`), so that a pair step reads the
+    history as often as an ordinary one. :func:`form_pair_and_products` takes
+    them of the history before the store (so that XLA writes the slot in
+    place) and sets the replaced slot's entries to the pair's own products.
+
+    Args:
+      layout: the block layout.
+      p: the pair's products (:func:`products`).
+      s_hist, y_hist: packed histories.
+      s, y_hat: the packed pair, as stored.
+      q: the packed vector of the step's direction, or None.
+      acc: the accumulation dtype.
+
+    Returns:
+      ``(p, qs)``: ``p`` with its row fields set, and ``(S^T q, Y^T q)``
+      (``(B, M)`` each), or None without ``q``.
+    """
+    vs = [s, y_hat] + ([q] if q is not None else [])
+    on_s = layout.block_dot_history_many(s_hist, vs, acc)  # (B, M, K)
+    on_y = layout.block_dot_history_many(y_hist, vs, acc)
+    p = p._replace(row_ss=on_s[..., 0], col_sy=on_s[..., 1], row_sy=on_y[..., 0],
+                   row_yy=on_y[..., 1])
+    return p, ((on_s[..., 2], on_y[..., 2]) if q is not None else None)
 
 
 def accept(p: Products, has_snapshot, curvature_eps, acc) -> jax.Array:
@@ -193,8 +224,8 @@ def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok,
 
     Updates the histories, :math:`\rho`, :math:`\gamma = s^\top\hat y/\hat y^\top\hat y`
     (unless not ``update_gamma``: then :math:`\gamma` stays 1, :math:`H_0 = I` in
-    the metric's coordinates), the Gram matrices (when cached), the newest slot
-    and the pair count.
+    the metric's coordinates), the newest slot and the pair count (the Gram
+    matrices are written by :func:`store_gram_rows`).
     """
     s_hist = _state.from_tree(layout, st.s_history)
     y_hist = _state.from_tree(layout, st.y_history)
@@ -205,29 +236,47 @@ def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok,
     old_rho = st.rho[blocks_idx, slot]
     rho = st.rho.at[blocks_idx, slot].set(jnp.where(ok, _numerics.safe_div(1.0, p.sy), old_rho))
 
-    def set_cross(gram, row, col):
-        new = gram.at[blocks_idx, slot, :].set(row).at[blocks_idx, :, slot].set(col)
-        return jnp.where(ok[:, None, None], new, gram)
-
-    sy_gram, yy_gram = st.sy_gram, st.yy_gram
-    if p.row_sy is not None:
-        sy_gram = set_cross(sy_gram, p.row_sy, p.col_sy)
-        yy_gram = set_cross(yy_gram, p.row_yy, p.row_yy)
     return st._replace(
         s_history=_state.to_tree(layout, s_hist),
         y_history=_state.to_tree(layout, y_hist),
         rho=rho,
         gamma=(jnp.where(ok, _numerics.safe_div(p.sy, p.yy, 1.0), st.gamma) if update_gamma
                else st.gamma),
-        sy_gram=sy_gram,
-        yy_gram=yy_gram,
         newest=jnp.where(ok, slot, st.newest),
         num_pairs=jnp.where(ok, jnp.minimum(st.num_pairs + 1, st.rho.shape[1]), st.num_pairs),
     )
 
 
+def written_fields(refresh_grad_average: bool) -> tuple[str, ...]:
+    """The state fields :func:`form_pair` writes; it only reads the others."""
+    return (("s_history", "y_history", "rho", "gamma", "sy_gram", "yy_gram", "ss_gram", "newest",
+             "num_pairs", "num_skipped", "mu", "mu_damped", "tau", "avg_weights",
+             "params_snapshot", "grads_snapshot")
+            + (("grads_avg",) if refresh_grad_average else ()))
+
+
+def store_gram_rows(layout, st: ScaleByMLBFGSState, p: Products, slot, ok
+                    ) -> ScaleByMLBFGSState:
+    """Writes the pair's Gram rows and columns (:func:`gram_rows`) at ``slot`` where ``ok``."""
+    blocks_idx = jnp.arange(layout.num_blocks)
+
+    def set_cross(gram, row, col):
+        new = gram.at[blocks_idx, slot, :].set(row).at[blocks_idx, :, slot].set(col)
+        return jnp.where(ok[:, None, None], new, gram)
+
+    return st._replace(sy_gram=set_cross(st.sy_gram, p.row_sy, p.col_sy),
+                       yy_gram=set_cross(st.yy_gram, p.row_yy, p.row_yy),
+                       ss_gram=set_cross(st.ss_gram, p.row_ss, p.row_ss))
+
+
 def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
               st: ScaleByMLBFGSState, root_d=None, inv_lr=None) -> ScaleByMLBFGSState:
+    """:func:`form_pair_and_products` without the direction's products: the new state."""
+    return form_pair_and_products(layout, opts, h, dt, g, t, st, root_d, inv_lr)[0]
+
+
+def form_pair_and_products(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
+                           st: ScaleByMLBFGSState, root_d=None, inv_lr=None, q=None) -> tuple:
     r"""One damped, guarded pair per block, then the snapshot (``t``: the call index).
 
     ``st`` already holds this call's averages; ``g`` is the packed incoming
@@ -236,6 +285,11 @@ def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     pair is whitened (:func:`mlbfgs_optax._metric.whiten_pair`) before the pair
     momentum, the damping and the guard, which then work in the whitened
     coordinates. A pair at round-off level (:func:`above_roundoff`) is rejected.
+
+    Returns:
+      ``(state, qs)``: the new state and, with cached Gram matrices and a
+      packed ``q``, :math:`(S^\top q, \hat Y^\top q)` of its history
+      (:func:`gram_rows`); else None.
     """
     acc = dt.acc
     s_hist = _state.from_tree(layout, st.s_history)
@@ -255,10 +309,23 @@ def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     s_st = [x.astype(d) for x, d in zip(s, dt.history)]
     y_st = [x.astype(d) for x, d in zip(damped.y_hat, dt.history)]
     slot = (st.newest + 1) % opts.memory_size
-    prod = products(layout, s_st, y_st, s_hist, y_hist, slot, opts.cache_gram, acc)
+    prod = products(layout, s_st, y_st, acc)
     has_snapshot = t >= h.update_period
     ok = accept(prod, has_snapshot, h.curvature_eps, acc) & not_roundoff
     new = store(layout, st, s_st, y_st, prod, slot, ok, update_gamma=root_d is None)
+    qs = None
+    if opts.cache_gram:
+        # From the history before the store (XLA then writes the slot in place), with the
+        # replaced slot's entries set to the new pair's own products where it is stored.
+        prod, qs = gram_rows(layout, prod, s_hist, y_hist, s_st, y_st, q, acc)
+        blocks_idx = jnp.arange(layout.num_blocks)
+        own = lambda v, x: v.at[blocks_idx, slot].set(jnp.where(ok, x, v[blocks_idx, slot]))
+        prod = prod._replace(row_ss=own(prod.row_ss, prod.ss), col_sy=own(prod.col_sy, prod.sy),
+                             row_sy=own(prod.row_sy, prod.sy), row_yy=own(prod.row_yy, prod.yy))
+        if qs is not None:
+            qs = (own(qs[0], layout.block_dot(s_st, q, acc)),
+                  own(qs[1], layout.block_dot(y_st, q, acc)))
+        new = store_gram_rows(layout, new, prod, slot, ok)
 
     weights = st.avg_weights.at[2:].set(st.avg_weights[:2])  # snapshot weights
     grads_avg = st.grads_avg
@@ -278,4 +345,4 @@ def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
         mu=keep(damped.mu, st.mu),
         mu_damped=keep(_numerics.safe_div(prod.sy, prod.ss), st.mu_damped),
         tau=keep(damped.tau, st.tau),
-    )
+    ), qs

@@ -46,6 +46,9 @@ class ScaleByMLBFGSState(NamedTuple):
         history in two streaming passes
         (``cache_gram``); ``(B, 0, 0)`` with ``cache_gram=False``.
       yy_gram: :math:`\hat y_p^\top \hat y_q`, ``(B, M, M)`` (or ``(B, 0, 0)``).
+      ss_gram: :math:`s_p^\top s_q`, ``(B, M, M)`` (or ``(B, 0, 0)``): with the
+        other two it gives the norm of the direction without a pass over it
+        (the step bound).
       avg_weights: total EMA weight :math:`1 - \beta^k` held by ``params_avg``,
         ``grads_avg``, ``params_snapshot`` and ``grads_snapshot``, shape
         ``(4,)``; with ``bias_correction`` the pairs are formed from the
@@ -73,6 +76,7 @@ class ScaleByMLBFGSState(NamedTuple):
     tau: jax.Array
     sy_gram: jax.Array
     yy_gram: jax.Array
+    ss_gram: jax.Array
     avg_weights: jax.Array
     nu: Any
 
@@ -106,6 +110,7 @@ FIELDS: dict[str, Kind] = {
     "tau": Kind.BLOCK,
     "sy_gram": Kind.BLOCK,
     "yy_gram": Kind.BLOCK,
+    "ss_gram": Kind.BLOCK,
     "avg_weights": Kind.SCALAR,
     "nu": Kind.PARAMS,
 }
@@ -194,6 +199,7 @@ def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes,
         tau=jnp.ones((b,), dt.acc),
         sy_gram=jnp.zeros(gram, dt.acc),
         yy_gram=jnp.zeros(gram, dt.acc),
+        ss_gram=jnp.zeros(gram, dt.acc),
         avg_weights=jnp.zeros((4,), dt.acc),
         nu=params(dt.averages) if metric else None,
     )

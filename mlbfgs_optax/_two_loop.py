@@ -212,14 +212,44 @@ def blockwise_two_loop_gram(
     Returns:
       The packed direction, in the accumulation dtype.
     """
-    num_slots = rho.shape[-1]
     acc = accumulation_dtype(rho.dtype, *(u.dtype for u in updates))
     g, scale = _rescaled(layout, updates, acc)
-
     # One streaming pass over each history: S^T g and Y^T g for every slot.
     sg = layout.block_dot_history(s_history, g, acc)
     yg = layout.block_dot_history(y_history, g, acc)
-    # Age order: age 0 is the newest pair.
+    coef_s, coef_y = gram_coefficients(sg, yg, rho, gamma, newest, sy_gram, yy_gram, acc)
+    gam = gamma.astype(acc)
+    # One more streaming pass over each history.
+    ds = layout.combine_history(coef_s, s_history, acc)
+    dy = layout.combine_history(coef_y, y_history, acc)
+    return [
+        (layout.broadcast(gam, j, x.ndim) * x + a + b) * layout.broadcast(scale, j, x.ndim)
+        for j, (x, a, b) in enumerate(zip(g, ds, dy))
+    ]
+
+
+def gram_coefficients(sg, yg, rho, gamma, newest, sy_gram, yy_gram, acc):
+    r"""The two-loop recursion's direction as :math:`d = \gamma g + S c_s + Y c_y`, per block.
+
+    From the inner products alone (:func:`blockwise_two_loop_gram` gives the
+    formulas): :math:`c_s = lpha - eta` and :math:`c_y = -\gammalpha`, by
+    slot. The :math:`O(M)` scalar recursions run as ``jax.lax.scan`` over the
+    ring buffer's age order (age 0: the newest pair).
+
+    Args:
+      sg: ``(B, M)``, :math:`s_m^\top g` by slot.
+      yg: ``(B, M)``, :math:`\hat y_m^\top g` by slot.
+      rho: ``(B, M)``, 0 for empty slots.
+      gamma: ``(B,)``.
+      newest: ``(B,)`` slot of the newest pair.
+      sy_gram: ``(B, M, M)``, :math:`s_p^\top \hat y_q` by slot.
+      yy_gram: ``(B, M, M)``, :math:`\hat y_p^\top \hat y_q` by slot.
+      acc: the accumulation dtype.
+
+    Returns:
+      ``(coef_s, coef_y)``, each ``(B, M)`` in slot order (0 for empty slots).
+    """
+    num_slots = rho.shape[-1]
     ages = jnp.arange(num_slots)
     slots = (newest[:, None] - ages[None, :]) % num_slots  # (B, M)
     by_age = lambda x: jnp.take_along_axis(x.astype(acc), slots, axis=1)
@@ -242,13 +272,6 @@ def blockwise_two_loop_gram(
         return c.at[:, i].set(alpha[:, i] - beta_i), None
 
     c, _ = jax.lax.scan(second, zeros, ages, reverse=True)
-    # Back to slot order, then one more streaming pass over each history.
+    # Back to slot order.
     rows = jnp.arange(rho.shape[0])[:, None]
-    coef_s = zeros.at[rows, slots].set(c)
-    coef_y = zeros.at[rows, slots].set(-gam[:, None] * alpha)
-    ds = layout.combine_history(coef_s, s_history, acc)
-    dy = layout.combine_history(coef_y, y_history, acc)
-    return [
-        (layout.broadcast(gam, j, x.ndim) * x + a + b) * layout.broadcast(scale, j, x.ndim)
-        for j, (x, a, b) in enumerate(zip(g, ds, dy))
-    ]
+    return zeros.at[rows, slots].set(c), zeros.at[rows, slots].set(-gam[:, None] * alpha)

@@ -6,7 +6,7 @@ One update, per block :math:`b` (Niu et al., 2023, https://arxiv.org/abs/2307.13
    :math:`M^g \leftarrow \beta M^g + (1-\beta) g_t`, and with the metric the
    second moment :math:`\nu` and :math:`D^{1/2}` (:mod:`mlbfgs_optax._metric`);
 2. every :math:`T`-th call, a curvature pair (:func:`mlbfgs_optax._pairs.form_pair`),
-   inside the only ``lax.cond`` of the step;
+   run at most once per step (:func:`at_most_once`, the step's only branch);
 3. the direction :math:`d_b = D^{1/2} \tilde H_b D^{1/2} g_b` by the two-loop
    recursion (:math:`D = I` without the metric), with the optional step bound;
 4. optionally, :math:`d` divided by its global norm once any pair exists.
@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import optax
 
 from mlbfgs_optax import _blocks
+from mlbfgs_optax import _direction
 from mlbfgs_optax import _metric
+from mlbfgs_optax import _numerics
 from mlbfgs_optax import _pairs
 from mlbfgs_optax import _state
 from mlbfgs_optax import _two_loop
@@ -137,6 +139,60 @@ def normalized(d: list, any_pair: jax.Array, coll: Collectives) -> list:
     return [x * scale for x in d]
 
 
+def at_most_once(pred, fn, state: ScaleByMLBFGSState, fields, extra=()):
+    """``fn(state) if pred else (state, extra)``, carrying only the ``fields`` ``fn`` writes.
+
+    ``fn`` returns ``(new_state, new_extra)``. See
+    :func:`mlbfgs_optax._numerics.at_most_once` (a loop of zero or one trip,
+    which XLA updates in place; a ``lax.cond`` copies the state). The fields
+    ``fn`` only reads are closed over, not carried.
+
+    Returns:
+      ``(state, extra)``.
+    """
+    def body(c):
+        out, ex = fn(state._replace(**c[0]))
+        return {f: getattr(out, f) for f in fields}, ex
+
+    carried, extra = _numerics.at_most_once(
+        pred, body, ({f: getattr(state, f) for f in fields}, extra))
+    return state._replace(**carried), extra
+
+
+def fused_direction(layout, opts: Options, h: Hyperparams, whiten, products,
+                    st: ScaleByMLBFGSState, acc) -> list:
+    r"""Step 3 in two passes over the history (:mod:`mlbfgs_optax._direction`).
+
+    The same direction as :func:`metric_direction` with cached Gram
+    matrices: :math:`d = D^{1/2} \kappa_b \tilde H_b q`, :math:`q = D^{1/2} g`,
+    from ``products`` :math:`= (S^\top q, \hat Y^\top q, q^\top q)` of the
+    current history, with the step bound's norm taken from inner products
+    instead of a pass over the direction. ``whiten()`` returns ``(q, root_d)``;
+    every pass that needs :math:`q` calls it, so that XLA computes :math:`q`
+    inside that pass instead of storing it.
+    """
+    s_hist = _state.from_tree(layout, st.s_history)
+    y_hist = _state.from_tree(layout, st.y_history)
+    sg, yg, gg, c = _direction.safe_products(layout, whiten, s_hist, y_hist, products, acc)
+    coef_s, coef_y = _two_loop.gram_coefficients(sg, yg, st.rho, st.gamma, st.newest,
+                                                 st.sy_gram, st.yy_gram, acc)
+    gam = st.gamma.astype(acc)
+    kappa = jnp.ones_like(gam)
+    if not opts.step_bound_off:
+        dd, err = _direction.norm_sq(gam, coef_s, coef_y, gg, sg, yg, st.ss_gram, st.sy_gram,
+                                     st.yy_gram)
+        # Where rounding could flip the bound's decision, the norm of the vector itself.
+        unsure = jnp.any(jnp.abs(dd - jnp.square(h.step_bound) * gg) <= err)
+        with jax.named_scope("direct_norm"):
+            dd = jax.lax.cond(unsure, lambda: _direction.direct_norm_sq(
+                layout, whiten()[0], c, gam, coef_s, s_hist, coef_y, y_hist, acc), lambda: dd)
+        kappa = _direction.bound_factor(gg, dd, h.step_bound)
+    w = (kappa * c)[:, None]
+    q, root_d = whiten()
+    return _direction.combine(layout, q, kappa * gam, w * coef_s, s_hist, w * coef_y, y_hist,
+                              acc, root_d)
+
+
 def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
                coll: Collectives):
     """Steps 1-4 on the blocks of ``layout`` (this device's share, when sharded).
@@ -146,22 +202,54 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
     """
     dt = state_dtypes(opts, layout)
     new = averages(layout, state, g, theta, h.beta, finite, dt)
-    root_d = inv_lr = None
+    inv_lr = None
     if opts.metric == "adam":
         nu = _metric.second_moment(_state.from_tree(layout, state.nu), g, h.metric_decay,
                                    finite, dt.averages)
         new = new._replace(nu=_state.to_tree(layout, nu))
-        root_d = _metric.root_diagonal(nu, h.metric_decay, new.count, h.metric_eps, dt.acc)
         eta = learning_rate_at(opts, h, state.count, dt.acc)
         inv_lr = jnp.where(eta > 0, 1.0 / jnp.where(eta > 0, eta, 1.0), 0.0)
+
+    def whiten():
+        """``(q, D^{1/2})`` of this call (``(g, None)`` without the metric).
+
+        Called by every pass that needs them, inside its own branch: XLA then
+        computes them in that pass from ``g`` and ``nu`` instead of keeping
+        parameter-sized temporaries (on XLA:CPU every temporary costs page faults).
+        """
+        if opts.metric != "adam":
+            return g, None
+        root_d = _metric.root_diagonal(nu, h.metric_decay, new.count, h.metric_eps, dt.acc)
+        return [x.astype(dt.acc) * r for x, r in zip(g, root_d)], root_d
+
     is_pair_step = finite & ((state.count + 1) % h.update_period == 0)
-    new = jax.lax.cond(
-        is_pair_step,
-        lambda st: _pairs.form_pair(layout, opts, h, dt, g, state.count, st, root_d, inv_lr),
-        lambda st: st,
-        new,
-    )
-    d = metric_direction(layout, opts, h, g, new, root_d, dt.acc)
+    fused = opts.cache_gram and not opts.normalize
+    no_products = (jnp.zeros_like(state.rho, dtype=dt.acc),) * 2 + (
+        jnp.zeros_like(state.gamma, dtype=dt.acc),) if fused else None
+
+    def pair_step(st):
+        q, root_d = whiten()
+        st, qs = _pairs.form_pair_and_products(layout, opts, h, dt, g, state.count, st, root_d,
+                                               inv_lr, q if fused else None)
+        return st, (*qs, layout.block_dot(q, q, dt.acc)) if fused else None
+
+    with jax.named_scope("pair_step"):
+        new, products = at_most_once(is_pair_step, pair_step, new,
+                                     _pairs.written_fields(opts.refresh_grad_average),
+                                     no_products)
+    if fused:
+        # On an ordinary step the pair step did not take the products: one pass each.
+        def ordinary_products():
+            q = whiten()[0]
+            return (*_direction.history_products(
+                layout, q, _state.from_tree(layout, new.s_history),
+                _state.from_tree(layout, new.y_history), dt.acc), layout.block_dot(q, q, dt.acc))
+
+        with jax.named_scope("history_products"):
+            products = jax.lax.cond(is_pair_step, lambda: products, ordinary_products)
+        d = fused_direction(layout, opts, h, whiten, products, new, dt.acc)
+    else:
+        d = metric_direction(layout, opts, h, g, new, whiten()[1], dt.acc)
     if opts.normalize:
         d = normalized(d, jnp.any(new.num_pairs > 0), coll)
     return d, new
@@ -172,7 +260,8 @@ def _step(opts: Options, layout, h: Hyperparams, updates, state, params):
     g_leaves = layout.treedef.flatten_up_to(updates)
     g = layout.pack(updates)
     theta = layout.pack(params)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in g]))
+    # One reduction per leaf, no boolean temporary: x * 0 is NaN exactly where x is not finite.
+    finite = jnp.isfinite(sum(jnp.sum(x * jnp.zeros((), x.dtype)) for x in g))
     step = functools.partial(local_step, opts, h)
     d, new = opts.placement.run(step, layout, g, theta, state, finite)
     out = layout.unpack(d, dtypes=[x.dtype for x in g_leaves])

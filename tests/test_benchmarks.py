@@ -73,21 +73,56 @@ def test_quick_run_markdown_and_plots(quick_results):
         assert data[:8] == PNG_MAGIC and len(data) < 300_000
 
 
-def test_overhead_markdown_is_well_formed():
-    fake = {
-        "num_params": 10, "leaves": [[2, 5]], "bandwidth_GBps": 1.0, "jax": "x", "optax": "y",
-        "machine": "m", "repeats": 1, "update_period": 10, "pair_step_ms_M10": 1.0,
-        "rows": [{"optimizer": o, "donated": d, "update_ms": 1.0, "state_bytes_per_param": 4.0,
-                  "floor_words_per_param": 4, "floor_ms": 0.5, "update_over_floor": 2.0}
-                 for o in ("sgd (momentum 0.9)", "adam") for d in (True, False)],
-        "memory_scaling": [{"memory_size": m, "update_ms": float(m),
-                            "state_bytes_per_param": 8.0 * m, "floor_ms": 1.0,
-                            "update_over_floor": 1.0} for m in (1, 2)],
-        "history_dtype": [{"history_dtype": "float32", "state_bytes": 10,
-                           "state_bytes_per_param": 1.0, "update_ms": 1.0}],
-    }
+def test_overhead_floors_and_markdown():
+    """Floors in bytes per parameter as the docstring says; the report has every table."""
+    fl = optimizer_overhead.floor_bytes
+    assert fl("sgd")["ordinary"] == 16 and fl("adam")["ordinary"] == 28
+    assert fl("lbfgs", 10)["ordinary"] == 4 * 49
+    assert fl("mlbfgs", 10) == {"ordinary": 4 * 49, "pair": 4 * 49 + 4 * 4 + 2 * 4}
+    assert fl("mlbfgs", 10, history_bytes=2)["ordinary"] == 2 * 40 + 4 * 9
+
+    def row(name, group, ms, pair=None, n=100, m=None):
+        return {"name": name, "group": group, "num_params": n, "memory_size": m,
+                "period": 10, "state_bytes_per_param": 8.0, "ordinary_ms": ms,
+                "pair_ms": pair, "floor_ordinary_ms": 1.0,
+                "floor_pair_ms": 1.0 if pair else None}
+
+    rows = [row("sgd (momentum 0.9)", "peers", 1.0), row("adam", "peers", 2.0),
+            row("optax.scale_by_lbfgs(10)", "peers", 5.0),
+            row("scale_by_mlbfgs T=1", "peers", 4.0),
+            row("scale_by_mlbfgs M=1", "memory", 1.5, 2.0, m=1),
+            row("scale_by_mlbfgs M=10", "memory", 3.0, 3.3, m=10),
+            row("scale_by_mlbfgs bfloat16 history", "dtype", 2.5, 3.0),
+            row("scale_by_mlbfgs n=400", "size", 12.0, 13.0, n=400)]
+    fake = {"library": "lib", "machine": "m", "jax": "x", "optax": "y", "rounds": 1,
+            "calls": 2, "bandwidth_GBps": 1.0, "bandwidth_all_GBps": [1.0], "rows": rows,
+            "hlo": {"ordinary_words": 60.0, "pair_words": 70.0, "passes": [
+                {"scope": "-", "op": "dot", "source": "dot_general", "count": 2,
+                 "read_words": 40.0, "write_words": 0.0}]}}
+    checks = {what: ok for what, _, _, ok in optimizer_overhead.checks(fake)}
+    assert checks == {"ordinary step / floor (M = 10)": False,
+                      "ordinary step / floor (M = 1)": True,
+                      "pair step / ordinary step (M = 10)": True,
+                      "bfloat16 history / float32 history (ordinary step)": True,
+                      "T = 1 / optax.scale_by_lbfgs(10)": True}
     md = optimizer_overhead.markdown(fake)
-    assert md.count("| sgd (momentum 0.9) |") == 2 and "| 2 | 2.00 | 1.00 |" in md
+    assert "| scale_by_mlbfgs M=10 | 100 | 3.00 | 3.30 | 1.10 |" in md
+    assert "1.50 ms per extra pair" in md and "ordinary **60.0**" in md
+    assert "| - | dot | dot_general | 2 | 40.00 | 0.00 |" in md
+
+
+def test_hlo_passes_counts_bytes_of_large_arrays():
+    import jax
+    import jax.numpy as jnp
+
+    from examples.benchmarks import hlo_passes
+
+    f = jax.jit(lambda x, y: (x * 2.0 + y, jnp.sum(x)))
+    x = jnp.ones((1 << 16,))
+    rows = hlo_passes.passes(f.lower(x, x).compile().as_text(), min_elements=1 << 16)
+    # x and y are read, one array is written (the sum may be its own pass over x).
+    assert 3.0 <= hlo_passes.words(rows, 4 * (1 << 16)) <= 4.0
+    assert all(p.times == 1 for p in rows)
 
 
 def _write_fake_cifar10(path):

@@ -308,8 +308,8 @@ def test_state_size_bound():
         assert big == (2 * m + 4) * n
         assert mlbfgs_optax.scale_by_mlbfgs(memory_size=m, metric="identity").init(
             params).nu is None
-        # Per block: the Gram matrices (2 M^2), rho (M) and 7 scalars; count, 4 weights.
-        assert small == 2 * (2 * m * m + m + 7) + 1 + 4
+        # Per block: the Gram matrices (3 M^2), rho (M) and 7 scalars; count, 4 weights.
+        assert small == 2 * (3 * m * m + m + 7) + 1 + 4
         # Without the cached Gram matrices: O(M) numbers per block.
         st = mlbfgs_optax.scale_by_mlbfgs(memory_size=m, cache_gram=False,
                                           metric="identity").init(params)

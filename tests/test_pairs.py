@@ -115,18 +115,29 @@ def test_products_and_gram_rows_against_numpy():
     hist = lambda tree: _state.from_tree(
         layout, jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), tree))
     s_hist, y_hist = hist(st.s_history), hist(st.y_history)
+    q = [jnp.asarray(rng.normal(size=x.shape)) for x in s]
     slot = jnp.asarray([1, 2])
-    p = _pairs.products(layout, s, y, s_hist, y_hist, slot, True, dt.acc)
+    p = _pairs.products(layout, s, y, dt.acc)
+    # The rows are taken of the history the pair was stored in.
+    write = jnp.asarray([True, True])
+    s_hist = [layout.scatter_slot(h, v, slot, write, j) for j, (h, v) in enumerate(zip(s_hist, s))]
+    y_hist = [layout.scatter_slot(h, v, slot, write, j) for j, (h, v) in enumerate(zip(y_hist, y))]
+    p, (sq, yq) = _pairs.gram_rows(layout, p, s_hist, y_hist, s, y, q, dt.acc)
     for b in range(layout.num_blocks):
-        sb, yb = _flat(layout, s, b), _flat(layout, y, b)
+        sb, yb, qb = _flat(layout, s, b), _flat(layout, y, b), _flat(layout, q, b)
         sh = [_flat(layout, [h[m] for h in s_hist], b) for m in range(M)]
         yh = [_flat(layout, [h[m] for h in y_hist], b) for m in range(M)]
         np.testing.assert_allclose(float(p.sy[b]), sb @ yb)
         row_sy = [sb @ yh[m] for m in range(M)]
         col_sy = [sh[m] @ yb for m in range(M)]
-        row_sy[int(slot[b])] = col_sy[int(slot[b])] = sb @ yb
+        assert np.isclose(row_sy[int(slot[b])], sb @ yb) and np.isclose(col_sy[int(slot[b])],
+                                                                           sb @ yb)
         np.testing.assert_allclose(np.asarray(p.row_sy[b]), row_sy)
         np.testing.assert_allclose(np.asarray(p.col_sy[b]), col_sy)
+        np.testing.assert_allclose(np.asarray(p.row_yy[b]), [yh[m] @ yb for m in range(M)])
+        np.testing.assert_allclose(np.asarray(p.row_ss[b]), [sh[m] @ sb for m in range(M)])
+        np.testing.assert_allclose(np.asarray(sq[b]), [sh[m] @ qb for m in range(M)])
+        np.testing.assert_allclose(np.asarray(yq[b]), [yh[m] @ qb for m in range(M)])
     assert bool(jnp.all(p.finite))
 
 
@@ -134,7 +145,7 @@ def test_accept_guard():
     p = _pairs.Products(ss=jnp.asarray([1.0, 1.0, 1.0, 0.0, 1.0]),
                         sy=jnp.asarray([0.5, -0.5, 1e-20, 0.0, jnp.nan]),
                         yy=jnp.asarray([1.0, 1.0, 1.0, 0.0, 1.0]),
-                        row_sy=None, col_sy=None, row_yy=None,
+                        row_sy=None, col_sy=None, row_yy=None, row_ss=None,
                         finite=jnp.asarray([True, True, True, True, False]))
     ok = _pairs.accept(p, jnp.asarray(True), None, jnp.float64)
     assert ok.tolist() == [True, False, False, False, False]
@@ -144,11 +155,13 @@ def test_accept_guard():
 def test_store_writes_ring_slot_rho_gamma_and_gram_only_where_accepted():
     layout, opts, _, dt, st, _ = _setup()
     s, y = _pairs.candidate(layout, st, True, dt.acc)
-    s_hist, y_hist = (_state.from_tree(layout, t) for t in (st.s_history, st.y_history))
     slot = jnp.asarray([0, 0])
-    p = _pairs.products(layout, s, y, s_hist, y_hist, slot, True, dt.acc)
+    p = _pairs.products(layout, s, y, dt.acc)
     ok = jnp.asarray([True, False])
     new = _pairs.store(layout, st, s, y, p, slot, ok)
+    p, _ = _pairs.gram_rows(layout, p, _state.from_tree(layout, new.s_history),
+                            _state.from_tree(layout, new.y_history), s, y, None, dt.acc)
+    new = _pairs.store_gram_rows(layout, new, p, slot, ok)
     np.testing.assert_allclose(np.asarray(new.s_history["a"][0]), np.asarray(s[0]))
     assert float(jnp.abs(new.s_history["b"]).max()) == 0.0  # rejected: untouched
     np.testing.assert_allclose(float(new.rho[0, 0]), 1.0 / float(p.sy[0]))
@@ -156,6 +169,8 @@ def test_store_writes_ring_slot_rho_gamma_and_gram_only_where_accepted():
     assert float(new.rho[1, 0]) == 0.0 and float(new.gamma[1]) == 1.0
     np.testing.assert_allclose(float(new.sy_gram[0, 0, 0]), float(p.sy[0]))
     np.testing.assert_allclose(float(new.yy_gram[0, 0, 0]), float(p.yy[0]))
+    np.testing.assert_allclose(float(new.ss_gram[0, 0, 0]), float(p.ss[0]))
+    assert float(jnp.abs(new.sy_gram[1]).max()) == 0.0  # rejected: untouched
     assert new.newest.tolist() == [0, M - 1] and new.num_pairs.tolist() == [1, 0]
 
 

@@ -1,199 +1,336 @@
-"""Optimizer-only cost on a ~4M-parameter pytree: mL-BFGS vs optax L-BFGS, SGD, Adam.
+"""Optimizer-only cost of one update: mL-BFGS against its memory floor and against optax.
 
 Run from the repository root::
 
-    python -m examples.benchmarks.optimizer_overhead [--out DIR] [--repeats N]
+    python -m examples.benchmarks.optimizer_overhead [--out DIR] [--rounds N] [--quick]
 
-Times the jitted ``update(grads, state, params)`` alone (median of ``--repeats`` calls
-after 3 warm-up calls), with and without donating the state, for:
+Every case is one jitted ``update(grads, state, params)`` with the grads and the state
+donated, as inside a training step (which never returns its gradients: donating only
+the state makes JAX hand the returned updates the buffers of the state's first
+params-shaped field, a rotation that costs XLA a copy of every state field). The
+parameters follow a fixed quadratic, ``g = h * theta``, ``theta <- theta - 1e-3 u``
+(both untimed), so that curvature pairs are accepted and the history fills. Calls are
+timed one by one and split into ordinary calls and pair steps (every T-th call); each
+case keeps its own state, all are timed in interleaved rounds and the smallest round
+median is kept (the machine is shared).
 
-* ``scale_by_mlbfgs`` (library defaults, memory 10) and ``optax.scale_by_lbfgs(10)``:
-  both return the preconditioned direction only;
-* ``optax.sgd(momentum=0.9)`` and ``optax.adam``;
-* ``scale_by_mlbfgs`` with memory M = 1, 2, 5, 10, 20 (state donated): the two-loop
-  cost should grow linearly in M;
-* state bytes with float32 and bfloat16 history (``history_dtype=jnp.bfloat16``).
+Reported, in one run:
 
-Every case keeps its own state and all are timed in interleaved rounds (the smallest
-round median is kept), because the machine is shared. Every time is also divided by its
-memory floor: words per parameter the update must move (see README) x 4 bytes x
-parameters / bandwidth, the bandwidth being measured in the same process by a jitted
-``y = a*x + y``. Prints a Markdown table and writes
-``optimizer_overhead.json`` and ``optimizer_overhead.md`` to ``--out``.
+* ``scale_by_mlbfgs`` (library defaults) at M = 1, 2, 5, 10, 20 (4.2M float32
+  parameters): ordinary and pair step against their memory floors;
+* n = 0.26M, 1M, 4.2M and 16.8M parameters at M = 10 (linear in n?);
+* bfloat16 against float32 history;
+* T = 1 (a pair every step) against ``optax.scale_by_lbfgs(10)``, and SGD and Adam;
+* the passes over parameter-sized arrays in the compiled ordinary and pair steps
+  (:mod:`examples.benchmarks.hlo_passes`), in words per parameter.
 
-Note: with update_period T = 10, one call in ten also forms a curvature pair; the median
-over repeats is the cost of an ordinary step. The pair step is timed separately.
+The memory floor of a case is the bytes it must move (``FLOOR`` below) over the bandwidth of
+a jitted ``y = a*x + y`` measured in the same rounds. Writes
+``optimizer_overhead.{json,md}`` to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import mlbfgs_optax
-from examples.benchmarks import harness
-from examples.benchmarks.optimizers import LIB_DEFAULTS, MLBFGS_DEFAULTS, mlbfgs_words
+from examples.benchmarks import harness, hlo_passes
 
-LAYERS = ((1024, 1024), (1024, 1024), (1024, 1024), (1024, 1024))
-
-
-def make_params():
-    """Four 1024x1024 dense layers with biases: 4,198,400 float32 parameters."""
-    return harness.dense_params(LAYERS)
-
-
-def _direction_kwargs(memory_size):
-    kw = {k: v for k, v in MLBFGS_DEFAULTS.items()}
-    kw["memory_size"] = memory_size
-    return kw
+WIDTH = 1024
+ROWS = 1024  # 4 leaves of ROWS x WIDTH plus biases: 4,198,400 parameters
+SCOPES = ("pair_step", "history_products", "rescaled_products", "direct_norm")
+# Passes that run only on one kind of step, or only when rounding calls for them.
+ORDINARY_SKIP = ("pair_step", "rescaled_products", "direct_norm")
+PAIR_SKIP = ("history_products", "rescaled_products", "direct_norm")
 
 
-def time_pair_step(tx, params, repeats):
-    """Median seconds of the update on calls that form a curvature pair (T-th calls)."""
-    import time
+def floor_bytes(kind: str, memory_size: int = 10, history_bytes: int = 4) -> dict:
+    """Bytes per parameter an update must move: ``{"ordinary": ..., "pair": ...}``.
 
-    import numpy as np
+    * SGD with momentum: read g, read+write the trace, write u (4 words).
+    * Adam: read g, read+write mu and nu, write u (7 words).
+    * ``optax.scale_by_lbfgs(M)``: the history read twice (4M), theta and g, previous
+      theta and g read and written, the new pair written, u written (4M + 9).
+    * ``scale_by_mlbfgs`` defaults (metric "adam"), ordinary step: the two-loop
+      recursion reads the 2M history vectors twice (any method must: the weights of the
+      second pass depend on every inner product of the first), read g and theta,
+      read+write the two averages and nu, write d: 4M history rows + 9 words. Pair step:
+      also read both snapshots, write both snapshots and the new pair (+6 words, the
+      pair at the history's width).
+    """
+    w = 4
+    if kind == "sgd":
+        return {"ordinary": 4 * w, "pair": None}
+    if kind == "adam":
+        return {"ordinary": 7 * w, "pair": None}
+    if kind == "lbfgs":
+        return {"ordinary": (4 * memory_size + 9) * w, "pair": None}
+    hist = 4 * memory_size * history_bytes
+    return {"ordinary": hist + 9 * w, "pair": hist + 13 * w + 2 * history_bytes}
 
-    state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
-    upd = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(1,))
-    period = LIB_DEFAULTS["update_period"]
-    times = []
-    for call in range(period * (repeats + 1)):
-        t0 = time.perf_counter()
-        u, state = upd(grads, state, params)
-        jax.block_until_ready((u, state))
-        if (call + 1) % period == 0 and call >= period:
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+
+def make_params(rows: int = ROWS) -> dict:
+    """Four ``rows x 1024`` dense layers with biases."""
+    return harness.dense_params(((rows, WIDTH),) * 4)
+
+
+class StepTimer:
+    """One jitted update with its own state on ``g = h * theta``, timed call by call."""
+
+    def __init__(self, tx, params, period: Optional[int] = None, lr: float = 1e-3):
+        self.period = period
+        leaves = jax.tree.leaves(params)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        self.h = jax.tree.unflatten(jax.tree.structure(params), [
+            jnp.exp(jax.random.uniform(k, x.shape, jnp.float32, -2.0, 2.0))
+            for k, x in zip(keys, leaves)])
+        self.params = jax.tree.map(lambda x: jnp.array(x, copy=True) + 1.0, params)
+        self.state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))
+        self.state_bytes = harness.tree_bytes(self.state)
+        self.grad = jax.jit(lambda h, p: jax.tree.map(jnp.multiply, h, p))
+        self.apply = jax.jit(lambda p, u: jax.tree.map(lambda x, v: x - lr * v, p, u),
+                             donate_argnums=(0,))
+        self.upd = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(0, 1))
+        self.calls = 0
+        self.ordinary: list[list[float]] = []
+        self.pair: list[list[float]] = []
+        self.run(2 * (period or 1))
+
+    def lowered(self):
+        """The update, lowered for this timer's arguments (for its HLO)."""
+        g = self.grad(self.h, self.params)
+        return self.upd.lower(g, self.state, self.params)
+
+    def run(self, calls: int) -> tuple[list[float], list[float]]:
+        ordinary, pair = [], []
+        for _ in range(calls):
+            g = jax.block_until_ready(self.grad(self.h, self.params))
+            t0 = time.perf_counter()
+            u, self.state = self.upd(g, self.state, self.params)
+            jax.block_until_ready((u, self.state))
+            dt = time.perf_counter() - t0
+            self.calls += 1
+            # With T = 1 every call is a pair step: all of them count as the step's time.
+            is_pair = (self.period or 1) > 1 and self.calls % self.period == 0
+            (pair if is_pair else ordinary).append(dt)
+            self.params = self.apply(self.params, u)
+        return ordinary, pair
+
+    def round(self, calls: int) -> None:
+        ordinary, pair = self.run(calls)
+        self.ordinary.append(ordinary)
+        self.pair.append(pair)
+
+    def best(self, which: str) -> Optional[float]:
+        """The smallest over rounds of the median seconds of ``which`` calls."""
+        rounds = [r for r in getattr(self, which) if r]
+        return min(float(np.median(r)) for r in rounds) if rounds else None
+
+
+def _mlbfgs(**kw):
+    return mlbfgs_optax.scale_by_mlbfgs(**kw)
+
+
+def cases(quick: bool) -> list[dict]:
+    """Every timed case: name, group, transformation, period, rows, floor kind and args."""
+    mem = (1, 10) if quick else (1, 2, 5, 10, 20)
+    out = [
+        dict(name="sgd (momentum 0.9)", group="peers", tx=lambda: optax.sgd(1e-3, momentum=0.9),
+             kind="sgd"),
+        dict(name="adam", group="peers", tx=lambda: optax.adam(1e-3), kind="adam"),
+        dict(name="optax.scale_by_lbfgs(10)", group="peers",
+             tx=lambda: optax.scale_by_lbfgs(memory_size=10), kind="lbfgs", memory_size=10),
+        dict(name="scale_by_mlbfgs T=1", group="peers", period=1, kind="mlbfgs", memory_size=10,
+             tx=lambda: _mlbfgs(update_period=1)),
+    ]
+    for m in mem:
+        out.append(dict(name=f"scale_by_mlbfgs M={m}", group="memory", period=10, kind="mlbfgs",
+                        memory_size=m, tx=lambda m=m: _mlbfgs(memory_size=m)))
+    out.append(dict(name="scale_by_mlbfgs bfloat16 history", group="dtype", period=10,
+                    kind="mlbfgs", memory_size=10, history_bytes=2,
+                    tx=lambda: _mlbfgs(history_dtype=jnp.bfloat16)))
+    for rows in ((64,) if quick else (64, 256, 4096)):
+        out.append(dict(name=f"scale_by_mlbfgs n={4 * (rows + 1) * WIDTH:,}",
+                        group="size", period=10, kind="mlbfgs", memory_size=10, rows=rows,
+                        tx=lambda: _mlbfgs()))
+    return out
+
+
+def hlo_rows(timer: StepTimer, n: int) -> dict:
+    """The compiled step's passes (aggregated) and its words per parameter, by step kind."""
+    rows = hlo_passes.passes(timer.lowered().compile().as_text(), min_elements=1 << 16,
+                             scopes=SCOPES)
+    agg: dict = {}
+    for p in rows:
+        source = p.detail.rsplit("(", 1)[-1].rstrip(")") if "(" in p.detail else ""
+        key = (p.scope or "-", p.op, source)
+        a = agg.setdefault(key, {"scope": key[0], "op": key[1], "source": key[2], "count": 0,
+                                 "read_words": 0.0, "write_words": 0.0})
+        a["count"] += p.times
+        a["read_words"] += p.times * p.read_bytes / (4 * n)
+        a["write_words"] += p.times * p.write_bytes / (4 * n)
+    return {"passes": sorted(agg.values(), key=lambda a: (a["scope"], -a["read_words"])),
+            "ordinary_words": hlo_passes.words(rows, 4 * n, ORDINARY_SKIP),
+            "pair_words": hlo_passes.words(rows, 4 * n, PAIR_SKIP)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=harness.DEFAULT_OUT)
-    p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--calls", type=int, default=20, help="calls per case and round")
+    p.add_argument("--quick", action="store_true", help="small sizes, for CI")
     args = p.parse_args(argv)
-
-    params = make_params()
-    n = sum(x.size for x in jax.tree.leaves(params))
-    bandwidth = harness.measure_bandwidth()
-    T = LIB_DEFAULTS["update_period"]
-    cases = [
-        ("sgd (momentum 0.9)", optax.sgd(0.01, momentum=0.9), 4),
-        ("adam", optax.adam(1e-3), 7),
-        ("optax.scale_by_lbfgs(10)", optax.scale_by_lbfgs(memory_size=10), 4 * 10 + 9),
-        ("scale_by_mlbfgs(M=10)", mlbfgs_optax.scale_by_mlbfgs(**_direction_kwargs(10)),
-         mlbfgs_words(10, T)),
-    ]
-    # Every case keeps its own state; all are timed in interleaved rounds (smallest
-    # round median), so that background load on a shared machine hits them alike.
-    specs = []  # (kind, key, words, timer)
-    for name, tx, words in cases:
-        for donate in (True, False):
-            specs.append(("main", (name, donate), words,
-                          harness.UpdateTimer(tx, params, donate=donate)))
-    for m in (1, 2, 5, 10, 20):
-        tx = mlbfgs_optax.scale_by_mlbfgs(**_direction_kwargs(m))
-        specs.append(("memory", m, mlbfgs_words(m, T), harness.UpdateTimer(tx, params)))
-    for label, dt in (("float32", None), ("bfloat16", jnp.bfloat16)):
-        tx = mlbfgs_optax.scale_by_mlbfgs(**_direction_kwargs(10), history_dtype=dt)
-        specs.append(("dtype", label, mlbfgs_words(10, T), harness.UpdateTimer(tx, params)))
-    secs = harness.time_interleaved([x[3] for x in specs], args.repeats, args.rounds)
-    rows, scaling, dtypes = [], [], []
-    for (kind, key, words, timer), sec in zip(specs, secs):
-        floor = words * 4 * n / bandwidth
-        print(f"{kind:6s} {key!s:40s} {sec * 1e3:8.2f} ms", flush=True)
-        if kind == "main":
-            rows.append({"optimizer": key[0], "memory_size": None, "donated": key[1],
-                         "update_ms": sec * 1e3, "state_bytes": timer.state_bytes,
-                         "state_bytes_per_param": timer.state_bytes / n,
-                         "floor_words_per_param": words, "floor_ms": floor * 1e3,
-                         "update_over_floor": sec / floor})
-        elif kind == "memory":
-            scaling.append({"memory_size": key, "update_ms": sec * 1e3,
-                            "state_bytes_per_param": timer.state_bytes / n,
-                            "floor_words_per_param": words, "floor_ms": floor * 1e3,
-                            "update_over_floor": sec / floor})
-        else:
-            dtypes.append({"history_dtype": key, "update_ms": sec * 1e3,
-                           "state_bytes": timer.state_bytes,
-                           "state_bytes_per_param": timer.state_bytes / n})
-    del specs
-    pair_ms = time_pair_step(mlbfgs_optax.scale_by_mlbfgs(**_direction_kwargs(10)), params,
-                             repeats=5) * 1e3
-    result = {"num_params": int(n), "leaves": [list(s) for s in LAYERS],
-              "bandwidth_GBps": bandwidth / 1e9, "jax": jax.__version__,
-              "optax": optax.__version__,
-              "machine": harness.machine(),
-              "repeats": args.repeats, "rounds": args.rounds, "update_period": T, "rows": rows,
-              "memory_scaling": scaling, "pair_step_ms_M10": pair_ms,
-              "history_dtype": dtypes}
+    rows_main = 64 if args.quick else ROWS
+    specs = cases(args.quick)
+    timers = []
+    for c in specs:
+        params = make_params(c.get("rows", rows_main))
+        t0 = time.perf_counter()
+        timers.append(StepTimer(c["tx"](), params, c.get("period")))
+        print(f"ready {c['name']} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    bandwidth = []
+    for r in range(args.rounds):
+        bandwidth.append(harness.measure_bandwidth())
+        for c, t in zip(specs, timers):
+            t.round(args.calls)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    bw = max(bandwidth)
+    results = []
+    for c, t in zip(specs, timers):
+        n = sum(x.size for x in jax.tree.leaves(t.params))
+        fl = floor_bytes(c["kind"], c.get("memory_size", 10), c.get("history_bytes", 4))
+        row = {"name": c["name"], "group": c["group"], "num_params": int(n),
+               "memory_size": c.get("memory_size"), "period": c.get("period"),
+               "state_bytes_per_param": t.state_bytes / n,
+               "ordinary_ms": t.best("ordinary") * 1e3}
+        pair = t.best("pair") if c.get("period") not in (None, 1) else None
+        row["pair_ms"] = pair * 1e3 if pair is not None else None
+        row["floor_ordinary_ms"] = fl["ordinary"] * n / bw * 1e3
+        row["floor_pair_ms"] = fl["pair"] * n / bw * 1e3 if fl["pair"] else None
+        if c.get("period") == 1:  # every call is a pair step
+            row["floor_ordinary_ms"] = row["floor_pair_ms"]
+        results.append(row)
+        print(f"{c['name']:40s} ordinary {row['ordinary_ms']:8.2f} ms  pair "
+              f"{row['pair_ms'] or float('nan'):8.2f} ms", flush=True)
+    main_timer = next(t for c, t in zip(specs, timers) if c["name"] == "scale_by_mlbfgs M=10")
+    n_main = sum(x.size for x in jax.tree.leaves(main_timer.params))
+    hlo = hlo_rows(main_timer, n_main)
+    result = {"library": harness.library_version(), "machine": harness.machine(),
+              "jax": jax.__version__, "optax": optax.__version__, "rounds": args.rounds,
+              "calls": args.calls, "bandwidth_GBps": bw / 1e9,
+              "bandwidth_all_GBps": [b / 1e9 for b in bandwidth], "rows": results, "hlo": hlo,
+              "quick": args.quick}
     md = markdown(result)
     harness.write_report(args.out, "optimizer_overhead", result, md)
     print(md)
     return result
 
 
+def _fmt(x, spec=".2f"):
+    return "–" if x is None else format(x, spec)
+
+
+def checks(r: dict) -> list[tuple[str, float, float, bool]]:
+    """The issue's targets: (what, measured, limit, met)."""
+    by = {x["name"]: x for x in r["rows"]}
+    m10, m1 = by["scale_by_mlbfgs M=10"], by["scale_by_mlbfgs M=1"]
+    bf16, t1 = by["scale_by_mlbfgs bfloat16 history"], by["scale_by_mlbfgs T=1"]
+    lb = by["optax.scale_by_lbfgs(10)"]
+    out = [
+        ("ordinary step / floor (M = 10)", m10["ordinary_ms"] / m10["floor_ordinary_ms"], 1.5),
+        ("ordinary step / floor (M = 1)", m1["ordinary_ms"] / m1["floor_ordinary_ms"], 2.0),
+        ("pair step / ordinary step (M = 10)", m10["pair_ms"] / m10["ordinary_ms"], 1.3),
+        ("bfloat16 history / float32 history (ordinary step)",
+         bf16["ordinary_ms"] / m10["ordinary_ms"], 1.0),
+        ("T = 1 / optax.scale_by_lbfgs(10)", t1["ordinary_ms"] / lb["ordinary_ms"], 1.0),
+    ]
+    return [(w, v, lim, v <= lim) for w, v, lim in out]
+
+
 def markdown(r: dict) -> str:
-    sgd = next(x for x in r["rows"] if x["optimizer"].startswith("sgd") and x["donated"])
-    adam = next(x for x in r["rows"] if x["optimizer"] == "adam" and x["donated"])
+    rows = r["rows"]
+    sgd = next(x for x in rows if x["name"].startswith("sgd"))
+    adam = next(x for x in rows if x["name"] == "adam")
+    main = next(x for x in rows if x["name"] == "scale_by_mlbfgs M=10")
     lines = [
         "# Optimizer-only update cost",
         "",
-        f"{r['num_params']:,} float32 parameters ({len(r['leaves'])} leaves of "
-        f"{r['leaves'][0][0]}x{r['leaves'][0][1]} plus biases); jitted update alone; smallest of "
-        f"{r.get('rounds', 1)} interleaved rounds of the median of {r['repeats']} calls; "
-        f"{r['machine']}; jax {r['jax']}, optax {r['optax']}. "
-        f"Bandwidth (jitted y = a*x + y, same process): **{r['bandwidth_GBps']:.2f} GB/s**.",
+        f"{r['library']}; {r['machine']}; jax {r['jax']}, optax {r['optax']}. "
+        f"{main['num_params']:,} float32 parameters (4 leaves of rows x 1024 plus biases) "
+        f"unless noted; grads and state donated; smallest of {r['rounds']} interleaved "
+        f"rounds of the median of {r['calls']} calls per case. Bandwidth (jitted "
+        f"y = a*x + y, best of the rounds): **{r['bandwidth_GBps']:.1f} GB/s** (rounds: "
+        + ", ".join(f"{b:.1f}" for b in r["bandwidth_all_GBps"]) + ").",
         "",
-        "| optimizer | state donated | update ms | / SGD | / Adam | state B/param | "
-        "floor words/param | floor ms | update / floor |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for x in r["rows"]:
-        lines.append(
-            f"| {x['optimizer']} | {'yes' if x['donated'] else 'no'} | {x['update_ms']:.2f} | "
-            f"{x['update_ms'] / sgd['update_ms']:.1f} | {x['update_ms'] / adam['update_ms']:.1f} | "
-            f"{x['state_bytes_per_param']:.1f} | {x['floor_words_per_param']:.4g} | "
-            f"{x['floor_ms']:.2f} | {x['update_over_floor']:.1f} |")
-    lines += [
+        "## Targets (issue 11)",
         "",
-        f"mL-BFGS pair step (every T = {r['update_period']} calls, M = 10, donated): "
-        f"{r['pair_step_ms_M10']:.2f} ms.",
-        "",
-        "## scale_by_mlbfgs vs memory size M (state donated)",
-        "",
-        "| M | update ms | ms per extra pair vs M=1 | state B/param | floor ms | update / floor |",
-        "|---|---|---|---|---|---|",
-    ]
-    base = r["memory_scaling"][0]
-    for x in r["memory_scaling"]:
-        per = ("–" if x["memory_size"] == 1 else
-               f"{(x['update_ms'] - base['update_ms']) / (x['memory_size'] - 1):.2f}")
-        lines.append(f"| {x['memory_size']} | {x['update_ms']:.2f} | {per} | "
-                     f"{x['state_bytes_per_param']:.1f} | {x['floor_ms']:.2f} | "
-                     f"{x['update_over_floor']:.1f} |")
-    lines += [
-        "",
-        "## History dtype (M = 10, state donated)",
-        "",
-        "| history dtype | state bytes | B/param | update ms |",
+        "| target | measured | limit | met |",
         "|---|---|---|---|",
     ]
-    for x in r["history_dtype"]:
-        lines.append(f"| {x['history_dtype']} | {x['state_bytes']:,} | "
-                     f"{x['state_bytes_per_param']:.1f} | {x['update_ms']:.2f} |")
+    for what, v, lim, ok in checks(r):
+        lines.append(f"| {what} | {v:.2f} | {lim:g} | {'yes' if ok else '**no**'} |")
     lines += [
         "",
-        "Floor words per parameter: SGD 4, Adam 7, optax L-BFGS 4M + 9, mL-BFGS 4M + 7 + 8/T "
-        "(two-loop reads the 2M history vectors twice; read theta and g, read+write both "
-        "averages, write d; pair formation every T steps moves 8).",
+        "## Every case",
+        "",
+        "| case | params | ordinary ms | pair ms | pair / ordinary | floor ms (ordinary / pair) "
+        "| ordinary / floor | pair / floor | ordinary / SGD | ordinary / Adam | state B/param |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    for x in rows:
+        po = x["pair_ms"] / x["ordinary_ms"] if x["pair_ms"] else None
+        fo = x["ordinary_ms"] / x["floor_ordinary_ms"]
+        fp = x["pair_ms"] / x["floor_pair_ms"] if x["pair_ms"] else None
+        same_n = x["num_params"] == sgd["num_params"]
+        lines.append(
+            f"| {x['name']} | {x['num_params']:,} | {x['ordinary_ms']:.2f} | "
+            f"{_fmt(x['pair_ms'])} | {_fmt(po)} | {x['floor_ordinary_ms']:.2f} / "
+            f"{_fmt(x['floor_pair_ms'])} | {fo:.2f} | {_fmt(fp)} | "
+            f"{_fmt(x['ordinary_ms'] / sgd['ordinary_ms'] if same_n else None, '.1f')} | "
+            f"{_fmt(x['ordinary_ms'] / adam['ordinary_ms'] if same_n else None, '.1f')} | "
+            f"{x['state_bytes_per_param']:.1f} |")
+    mem = sorted((x for x in rows if x["group"] == "memory"), key=lambda x: x["memory_size"])
+    if len(mem) >= 2:
+        slope = np.polyfit([x["memory_size"] for x in mem], [x["ordinary_ms"] for x in mem], 1)
+        floor_slope = (mem[-1]["floor_ordinary_ms"] - mem[0]["floor_ordinary_ms"]) / (
+            mem[-1]["memory_size"] - mem[0]["memory_size"])
+        lines += ["", f"Ordinary step against M: {slope[0]:.2f} ms per extra pair (least "
+                  f"squares), floor {floor_slope:.2f} ms per pair; intercept {slope[1]:.2f} ms."]
+    size = sorted([x for x in rows if x["group"] == "size"] + [main],
+                  key=lambda x: x["num_params"])
+    if len(size) >= 2:
+        lines += ["", "Against n (M = 10): " + ", ".join(
+            f"{x['num_params'] / 1e6:.2f}M: {x['ordinary_ms'] / x['num_params'] * 1e6:.2f} ms "
+            f"per million ({x['ordinary_ms'] / x['floor_ordinary_ms']:.2f}x floor)"
+            for x in size) + "."]
+    h = r["hlo"]
+    lines += [
+        "",
+        "## Passes over parameter-sized arrays (compiled M = 10 step, HLO)",
+        "",
+        f"Words per parameter read and written by the compiled step: ordinary "
+        f"**{h['ordinary_words']:.1f}**, pair step **{h['pair_words']:.1f}** (floors "
+        f"{floor_bytes('mlbfgs')['ordinary'] / 4:.0f} and {floor_bytes('mlbfgs')['pair'] / 4:.0f}"
+        "). Scope: `pair_step` runs on pair steps only, `history_products` on ordinary steps "
+        "only, `rescaled_products` and `direct_norm` only when rounding calls for them; `-` "
+        "is every step. Source op: the JAX operation XLA named the fusion after.",
+        "",
+        "| scope | XLA op | source op | count | reads (words/param) | writes (words/param) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a in h["passes"]:
+        lines.append(f"| {a['scope']} | {a['op']} | {a['source']} | {a['count']} | "
+                     f"{a['read_words']:.2f} | {a['write_words']:.2f} |")
+    lines += ["", "Floors: " + floor_bytes.__doc__.split("\n\n", 1)[1].strip().replace(
+        "\n      ", " ").replace("\n    ", "\n")]
     return "\n".join(lines) + "\n"
 
 

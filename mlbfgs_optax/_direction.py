@@ -1,0 +1,184 @@
+r"""The direction in two streaming passes over the history, from cached Gram matrices.
+
+With the inner products of the stored pairs cached in the state
+(:math:`S^\top \hat Y`, :math:`\hat Y^\top \hat Y`, :math:`S^\top S`), the
+direction of every block,
+
+.. math::
+  \tilde d_b = \kappa_b\,(\gamma_b q_b + S_b c_{s,b} + \hat Y_b c_{y,b}), \qquad
+  d = D^{1/2} \tilde d, \qquad q = D^{1/2} g,
+
+needs only two passes over the parameter-sized arrays:
+
+1. :func:`history_products`: :math:`S^\top q`, :math:`\hat Y^\top q` (two
+   matrix-vector products; on a pair step they come with the new pair's Gram
+   rows from the same pass, :func:`mlbfgs_optax._pairs.gram_rows`), and
+   :math:`q^\top q` (:func:`safe_products`);
+2. :func:`combine`: one elementwise pass that reads the history once and
+   writes :math:`d`.
+
+Between them everything is ``(B, M)``-sized: the two-loop coefficients
+(:func:`mlbfgs_optax._two_loop.gram_coefficients`) and the step bound
+:math:`\kappa_b = \min(1, \kappa \|q_b\| / \|\tilde d_b\|)`, whose norm
+:math:`\|\tilde d_b\|^2 = w^\top G w` comes from the Gram matrix :math:`G` of
+:math:`[q, S, \hat Y]` (:func:`norm_sq`), not from a pass over :math:`\tilde d`.
+The scan two-loop (:func:`mlbfgs_optax._two_loop.blockwise_two_loop`) is the
+reference the tests compare this against.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mlbfgs_optax import _numerics
+
+#: Unroll the combining pass over the M slots up to this memory size (one
+#: elementwise fusion that reads each history row once); beyond it, one
+#: contraction per history.
+MAX_UNROLLED_MEMORY = 32
+
+
+def _in_range(x: jax.Array, acc) -> jax.Array:
+    """``x`` is 0 or its magnitude lies in ``[sqrt(tiny), sqrt(max)]`` of ``acc``."""
+    fi = jnp.finfo(acc)
+    ax = jnp.abs(x)
+    return (ax == 0) | ((ax >= jnp.sqrt(fi.tiny)) & (ax <= jnp.sqrt(fi.max)))
+
+
+def history_products(layout, q: list, s_hist: list, y_hist: list, acc) -> tuple:
+    r""":math:`S^\top q` and :math:`\hat Y^\top q`, ``(B, M)`` each: one matrix-vector product per history."""
+    return layout.block_dot_history(s_hist, q, acc), layout.block_dot_history(y_hist, q, acc)
+
+
+def safe_products(layout, whiten, s_hist: list, y_hist: list, products: tuple, acc) -> tuple:
+    r"""The history products, retaken of a rescaled :math:`q` if needed.
+
+    ``products`` are :math:`(S^\top q, \hat Y^\top q, q^\top q)` as taken of
+    :math:`q` as it is (:func:`history_products`, or on a pair step
+    :func:`mlbfgs_optax._pairs.gram_rows`); ``whiten()`` returns ``(q, ...)``.
+    Only when one of them is not finite, or :math:`q^\top q` lies outside
+    :math:`[\sqrt{\rm tiny}, \sqrt{\rm max}]` of ``acc`` (so that a product
+    may have overflowed or lost its digits), are they taken again of
+    :math:`q_b / c_b`, with :math:`c_b` the power of two nearest
+    :math:`\max|q_b|`, inside a ``lax.cond`` branch that costs nothing on
+    every other step (its large operands are only read, so XLA copies none).
+    The direction is linear in :math:`q`: coefficients computed from rescaled
+    products are multiplied by :math:`c` before :func:`combine`.
+
+    Returns:
+      ``(sg, yg, gg, c)``: the (possibly rescaled) products and ``c`` per
+      block (ones when not rescaled).
+    """
+    sg, yg, gg = products
+    ok = (jnp.all(jnp.isfinite(sg)) & jnp.all(jnp.isfinite(yg)) & jnp.all(jnp.isfinite(gg))
+          & jnp.all(_in_range(gg, acc)))
+
+    def rescaled():
+        q = whiten()[0]
+        c = _numerics.power_of_two_near(layout.block_max_abs(q, acc))
+        inv = 1.0 / c
+        qc = [x * layout.broadcast(inv, j, x.ndim) for j, x in enumerate(q)]
+        return (*history_products(layout, qc, s_hist, y_hist, acc), layout.block_dot(qc, qc, acc),
+                c)
+
+    with jax.named_scope("rescaled_products"):
+        return jax.lax.cond(ok, lambda: (sg, yg, gg, jnp.ones_like(gg)), rescaled)
+
+
+def norm_sq(gamma, coef_s, coef_y, gg, sg, yg, ss_gram, sy_gram, yy_gram) -> tuple:
+    r""":math:`\|\gamma q + S c_s + \hat Y c_y\|^2` per block, from inner products alone, and its error.
+
+    .. math::
+      \|\tilde d\|^2 = w^\top G w, \qquad w = (\gamma, c_s, c_y), \qquad
+      G = \begin{pmatrix} q^\top q & q^\top S & q^\top \hat Y \\
+      S^\top q & S^\top S & S^\top \hat Y \\
+      \hat Y^\top q & \hat Y^\top S & \hat Y^\top \hat Y \end{pmatrix}.
+
+    When :math:`\tilde d` is much shorter than its terms the sum cancels, and
+    its rounding error, bounded by :math:`(2M+1)\,\epsilon\,|w|^\top |G|\,|w|`,
+    can exceed it: the caller then takes the norm of :math:`\tilde d` itself
+    (:func:`direct_norm_sq`). The weights are divided by their largest
+    magnitude first (a power of two) and the result multiplied back; a
+    negative sum is returned as 0.
+
+    Args:
+      gamma: ``(B,)``; coef_s, coef_y: ``(B, M)`` in slot order; gg: ``(B,)``;
+      sg, yg: ``(B, M)``; ss_gram, sy_gram, yy_gram: ``(B, M, M)`` by slot.
+
+    Returns:
+      ``(dd, err)``, each ``(B,)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mlbfgs_optax._direction import norm_sq
+      >>> one = jnp.ones((1, 1, 1))                # s = y = e_1, q = e_2 (orthogonal)
+      >>> dd, err = norm_sq(jnp.ones(1), jnp.full((1, 1), 2.0), jnp.full((1, 1), 1.0),
+      ...                   jnp.ones(1), jnp.zeros((1, 1)), jnp.zeros((1, 1)), one, one, one)
+      >>> dd                                       # |e_2 + 3 e_1|^2
+      Array([10.], dtype=float32)
+    """
+    w = jnp.concatenate([gamma[:, None], coef_s, coef_y], axis=1)
+    top = jnp.concatenate([gg[:, None], sg, yg], axis=1)[:, None, :]
+    mid = jnp.concatenate([sg[:, :, None], ss_gram, sy_gram], axis=2)
+    bottom = jnp.concatenate([yg[:, :, None], jnp.swapaxes(sy_gram, 1, 2), yy_gram], axis=2)
+    gram = jnp.concatenate([top, mid, bottom], axis=1)
+    big = _numerics.power_of_two_near(jnp.max(jnp.abs(w), axis=1))
+    w = w / big[:, None]
+    scale = jnp.square(big)
+    dd = jnp.maximum(jnp.einsum("bi,bij,bj->b", w, gram, w), 0.0) * scale
+    bound = jnp.einsum("bi,bij,bj->b", jnp.abs(w), jnp.abs(gram), jnp.abs(w)) * scale
+    return dd, w.shape[1] * jnp.finfo(w.dtype).eps * bound
+
+
+def direct_norm_sq(layout, q, c, gamma, coef_s, s_hist, coef_y, y_hist, acc) -> jax.Array:
+    r""":math:`\|\gamma q/c + S c_s + \hat Y c_y\|^2` per block, by a pass over the vector itself."""
+    inv = 1.0 / c
+    qc = [x.astype(acc) * layout.broadcast(inv, j, x.ndim) for j, x in enumerate(q)]
+    d = combine(layout, qc, gamma, coef_s, s_hist, coef_y, y_hist, acc)
+    return layout.block_dot(d, d, acc)
+
+
+def bound_factor(gg, dd, bound) -> jax.Array:
+    r""":math:`\kappa_b = \min(1, \kappa \sqrt{q^\top q / \|\tilde d\|^2})` per block (1 where undefined)."""
+    ratio = jnp.sqrt(_numerics.safe_div(gg, dd, 1.0))
+    return jnp.where(jnp.isfinite(ratio), jnp.minimum(1.0, bound * ratio), 1.0)
+
+
+def combine(layout, q: list, base, coef_s, s_hist: list, coef_y, y_hist: list, acc,
+            root_d=None) -> list:
+    r"""The second pass: :math:`D^{1/2}(\text{base}\, q + S c_s + \hat Y c_y)` per block.
+
+    For ``M <=`` :data:`MAX_UNROLLED_MEMORY` the sum over slots is unrolled
+    into one elementwise expression, which XLA compiles to one fused loop that
+    reads every history row once (upcasting a low-precision history inside
+    the loop); beyond it, one contraction per history.
+
+    Args:
+      layout: the block layout.
+      q: packed :math:`q`.
+      base: ``(B,)`` weight of :math:`q`.
+      coef_s, coef_y: ``(B, M)`` weights of the history rows, by slot.
+      s_hist, y_hist: packed histories.
+      acc: the accumulation dtype.
+      root_d: packed :math:`D^{1/2}`, or None for :math:`D = I`.
+
+    Returns:
+      The packed direction, in ``acc``.
+    """
+    bc = layout.broadcast
+    num_slots = coef_s.shape[1]
+    if num_slots > MAX_UNROLLED_MEMORY:
+        ds = layout.combine_history(coef_s, s_hist, acc)
+        dy = layout.combine_history(coef_y, y_hist, acc)
+        d = [bc(base, j, x.ndim) * x.astype(acc) + a + b
+             for j, (x, a, b) in enumerate(zip(q, ds, dy))]
+    else:
+        d = []
+        for j, (x, s, y) in enumerate(zip(q, s_hist, y_hist)):
+            dj = bc(base, j, x.ndim) * x.astype(acc)
+            for m in range(num_slots):
+                dj = dj + bc(coef_s[:, m], j, x.ndim) * s[m].astype(acc)
+                dj = dj + bc(coef_y[:, m], j, x.ndim) * y[m].astype(acc)
+            d.append(dj)
+    return d if root_d is None else [x * r for x, r in zip(d, root_d)]
