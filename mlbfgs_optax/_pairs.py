@@ -174,35 +174,35 @@ def products(layout, s, y_hat, acc) -> Products:
     return Products(ss, sy, yy, None, None, None, None, finite)
 
 
-def gram_rows(layout, p: Products, s_hist, y_hist, s, y_hat, q, acc) -> tuple:
+def gram_rows(layout, s_hist, y_hist, s, y_hat, q, acc) -> tuple:
     r"""The new pair's products with every slot of a history, in one pass per history.
 
     One matrix product per history, :math:`S^\top [s, \hat y, q]` and
     :math:`\hat Y^\top [s, \hat y, q]`, gives the rows of all three Gram
     matrices and :math:`S^\top q`, :math:`\hat Y^\top q` for the step's
     direction (:mod:`mlbfgs_optax._direction`), so that a pair step reads the
-    history as often as an ordinary one. :func:`form_pair_and_products` takes
-    them of the history before the store (so that XLA writes the slot in
-    place) and sets the replaced slot's entries to the pair's own products.
+    history as often as an ordinary one. The update takes them of the history
+    the pair was just stored in (its slot then holds the pair's own products),
+    after the pair step's loop: XLA copies a history that one loop body both
+    reads in a matrix product and updates in place.
 
     Args:
       layout: the block layout.
-      p: the pair's products (:func:`products`).
       s_hist, y_hist: packed histories.
       s, y_hat: the packed pair, as stored.
       q: the packed vector of the step's direction, or None.
       acc: the accumulation dtype.
 
     Returns:
-      ``(p, qs)``: ``p`` with its row fields set, and ``(S^T q, Y^T q)``
-      (``(B, M)`` each), or None without ``q``.
+      ``(rows, qs)``: ``rows = (row_ss, col_sy, row_sy, row_yy)``, each ``(B, M)``
+      (:math:`S^\top s`, :math:`S^\top \hat y`, :math:`\hat Y^\top s`,
+      :math:`\hat Y^\top \hat y`), and ``(S^T q, Y^T q)``, or None without ``q``.
     """
     vs = [s, y_hat] + ([q] if q is not None else [])
     on_s = layout.block_dot_history_many(s_hist, vs, acc)  # (B, M, K)
     on_y = layout.block_dot_history_many(y_hist, vs, acc)
-    p = p._replace(row_ss=on_s[..., 0], col_sy=on_s[..., 1], row_sy=on_y[..., 0],
-                   row_yy=on_y[..., 1])
-    return p, ((on_s[..., 2], on_y[..., 2]) if q is not None else None)
+    rows = (on_s[..., 0], on_s[..., 1], on_y[..., 0], on_y[..., 1])
+    return rows, ((on_s[..., 2], on_y[..., 2]) if q is not None else None)
 
 
 def accept(p: Products, has_snapshot, curvature_eps, acc) -> jax.Array:
@@ -255,28 +255,35 @@ def written_fields(refresh_grad_average: bool) -> tuple[str, ...]:
             + (("grads_avg",) if refresh_grad_average else ()))
 
 
-def store_gram_rows(layout, st: ScaleByMLBFGSState, p: Products, slot, ok
-                    ) -> ScaleByMLBFGSState:
+def store_gram_rows(layout, st: ScaleByMLBFGSState, rows, slot, ok) -> ScaleByMLBFGSState:
     """Writes the pair's Gram rows and columns (:func:`gram_rows`) at ``slot`` where ``ok``."""
     blocks_idx = jnp.arange(layout.num_blocks)
+    row_ss, col_sy, row_sy, row_yy = rows
 
     def set_cross(gram, row, col):
         new = gram.at[blocks_idx, slot, :].set(row).at[blocks_idx, :, slot].set(col)
         return jnp.where(ok[:, None, None], new, gram)
 
-    return st._replace(sy_gram=set_cross(st.sy_gram, p.row_sy, p.col_sy),
-                       yy_gram=set_cross(st.yy_gram, p.row_yy, p.row_yy),
-                       ss_gram=set_cross(st.ss_gram, p.row_ss, p.row_ss))
+    return st._replace(sy_gram=set_cross(st.sy_gram, row_sy, col_sy),
+                       yy_gram=set_cross(st.yy_gram, row_yy, row_yy),
+                       ss_gram=set_cross(st.ss_gram, row_ss, row_ss))
 
 
 def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
               st: ScaleByMLBFGSState, root_d=None, inv_lr=None) -> ScaleByMLBFGSState:
-    """:func:`form_pair_and_products` without the direction's products: the new state."""
-    return form_pair_and_products(layout, opts, h, dt, g, t, st, root_d, inv_lr)[0]
+    """:func:`pair_step`, Gram rows included: the new state."""
+    new, stored = pair_step(layout, opts, h, dt, g, t, st, root_d, inv_lr)
+    if opts.cache_gram:
+        s_hist = _state.from_tree(layout, new.s_history)
+        y_hist = _state.from_tree(layout, new.y_history)
+        pair = lambda hist: [layout.gather_slot(x, new.newest, j) for j, x in enumerate(hist)]
+        rows, _ = gram_rows(layout, s_hist, y_hist, pair(s_hist), pair(y_hist), None, dt.acc)
+        new = store_gram_rows(layout, new, rows, new.newest, stored)
+    return new
 
 
-def form_pair_and_products(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
-                           st: ScaleByMLBFGSState, root_d=None, inv_lr=None, q=None) -> tuple:
+def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
+              st: ScaleByMLBFGSState, root_d=None, inv_lr=None) -> tuple:
     r"""One damped, guarded pair per block, then the snapshot (``t``: the call index).
 
     ``st`` already holds this call's averages; ``g`` is the packed incoming
@@ -285,11 +292,12 @@ def form_pair_and_products(layout, opts: Options, h: Hyperparams, dt: _state.Dty
     pair is whitened (:func:`mlbfgs_optax._metric.whiten_pair`) before the pair
     momentum, the damping and the guard, which then work in the whitened
     coordinates. A pair at round-off level (:func:`above_roundoff`) is rejected.
+    The Gram rows of a stored pair are left to the caller (:func:`gram_rows`,
+    :func:`store_gram_rows`; :func:`form_pair` does both).
 
     Returns:
-      ``(state, qs)``: the new state and, with cached Gram matrices and a
-      packed ``q``, :math:`(S^\top q, \hat Y^\top q)` of its history
-      (:func:`gram_rows`); else None.
+      ``(state, stored)``: the new state and, per block, whether the pair was
+      stored (in slot ``state.newest``).
     """
     acc = dt.acc
     s_hist = _state.from_tree(layout, st.s_history)
@@ -313,19 +321,6 @@ def form_pair_and_products(layout, opts: Options, h: Hyperparams, dt: _state.Dty
     has_snapshot = t >= h.update_period
     ok = accept(prod, has_snapshot, h.curvature_eps, acc) & not_roundoff
     new = store(layout, st, s_st, y_st, prod, slot, ok, update_gamma=root_d is None)
-    qs = None
-    if opts.cache_gram:
-        # From the history before the store (XLA then writes the slot in place), with the
-        # replaced slot's entries set to the new pair's own products where it is stored.
-        prod, qs = gram_rows(layout, prod, s_hist, y_hist, s_st, y_st, q, acc)
-        blocks_idx = jnp.arange(layout.num_blocks)
-        own = lambda v, x: v.at[blocks_idx, slot].set(jnp.where(ok, x, v[blocks_idx, slot]))
-        prod = prod._replace(row_ss=own(prod.row_ss, prod.ss), col_sy=own(prod.col_sy, prod.sy),
-                             row_sy=own(prod.row_sy, prod.sy), row_yy=own(prod.row_yy, prod.yy))
-        if qs is not None:
-            qs = (own(qs[0], layout.block_dot(s_st, q, acc)),
-                  own(qs[1], layout.block_dot(y_st, q, acc)))
-        new = store_gram_rows(layout, new, prod, slot, ok)
 
     weights = st.avg_weights.at[2:].set(st.avg_weights[:2])  # snapshot weights
     grads_avg = st.grads_avg
@@ -345,4 +340,4 @@ def form_pair_and_products(layout, opts: Options, h: Hyperparams, dt: _state.Dty
         mu=keep(damped.mu, st.mu),
         mu_damped=keep(_numerics.safe_div(prod.sy, prod.ss), st.mu_damped),
         tau=keep(damped.tau, st.tau),
-    ), qs
+    ), ok

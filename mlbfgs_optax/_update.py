@@ -223,30 +223,43 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
         return [x.astype(dt.acc) * r for x, r in zip(g, root_d)], root_d
 
     is_pair_step = finite & ((state.count + 1) % h.update_period == 0)
-    fused = opts.cache_gram and not opts.normalize
-    no_products = (jnp.zeros_like(state.rho, dtype=dt.acc),) * 2 + (
-        jnp.zeros_like(state.gamma, dtype=dt.acc),) if fused else None
-
-    def pair_step(st):
-        q, root_d = whiten()
-        st, qs = _pairs.form_pair_and_products(layout, opts, h, dt, g, state.count, st, root_d,
-                                               inv_lr, q if fused else None)
-        return st, (*qs, layout.block_dot(q, q, dt.acc)) if fused else None
-
     with jax.named_scope("pair_step"):
-        new, products = at_most_once(is_pair_step, pair_step, new,
-                                     _pairs.written_fields(opts.refresh_grad_average),
-                                     no_products)
-    if fused:
-        # On an ordinary step the pair step did not take the products: one pass each.
-        def ordinary_products():
-            q = whiten()[0]
-            return (*_direction.history_products(
-                layout, q, _state.from_tree(layout, new.s_history),
-                _state.from_tree(layout, new.y_history), dt.acc), layout.block_dot(q, q, dt.acc))
+        new, stored = at_most_once(
+            is_pair_step,
+            lambda st: _pairs.pair_step(layout, opts, h, dt, g, state.count, st, whiten()[1],
+                                        inv_lr),
+            new, _pairs.written_fields(opts.refresh_grad_average),
+            jnp.zeros_like(state.newest, dtype=bool))
+    fused = opts.cache_gram and not opts.normalize
+    if opts.cache_gram:
+        # After the loop (XLA copies a history that a loop body both reads in a matrix
+        # product and updates in place), one matrix product per history: on a pair step
+        # against [s_new, y_new, q] (the new Gram rows and the direction's products), on
+        # an ordinary step against q alone.
+        s_hist = _state.from_tree(layout, new.s_history)
+        y_hist = _state.from_tree(layout, new.y_history)
+        zeros = jnp.zeros_like(state.rho, dtype=dt.acc)
 
-        with jax.named_scope("history_products"):
-            products = jax.lax.cond(is_pair_step, lambda: products, ordinary_products)
+        @jax.named_scope("pair_products")
+        def with_pair():
+            q = whiten()[0] if fused else None
+            pair = lambda hist: [layout.gather_slot(x, new.newest, j) for j, x in enumerate(hist)]
+            rows, qs = _pairs.gram_rows(layout, s_hist, y_hist, pair(s_hist), pair(y_hist), q,
+                                        dt.acc)
+            return rows, ((*qs, layout.block_dot(q, q, dt.acc)) if fused else None)
+
+        @jax.named_scope("ordinary_products")
+        def without_pair():
+            products = None
+            if fused:
+                q = whiten()[0]
+                products = (*_direction.history_products(layout, q, s_hist, y_hist, dt.acc),
+                            layout.block_dot(q, q, dt.acc))
+            return (zeros,) * 4, products
+
+        rows, products = jax.lax.cond(is_pair_step, with_pair, without_pair)
+        new = _pairs.store_gram_rows(layout, new, rows, new.newest, stored)
+    if fused:
         d = fused_direction(layout, opts, h, whiten, products, new, dt.acc)
     else:
         d = metric_direction(layout, opts, h, g, new, whiten()[1], dt.acc)

@@ -122,7 +122,8 @@ def test_products_and_gram_rows_against_numpy():
     write = jnp.asarray([True, True])
     s_hist = [layout.scatter_slot(h, v, slot, write, j) for j, (h, v) in enumerate(zip(s_hist, s))]
     y_hist = [layout.scatter_slot(h, v, slot, write, j) for j, (h, v) in enumerate(zip(y_hist, y))]
-    p, (sq, yq) = _pairs.gram_rows(layout, p, s_hist, y_hist, s, y, q, dt.acc)
+    (row_ss, col_sy_, row_sy_, row_yy), (sq, yq) = _pairs.gram_rows(layout, s_hist, y_hist, s,
+                                                                     y, q, dt.acc)
     for b in range(layout.num_blocks):
         sb, yb, qb = _flat(layout, s, b), _flat(layout, y, b), _flat(layout, q, b)
         sh = [_flat(layout, [h[m] for h in s_hist], b) for m in range(M)]
@@ -132,10 +133,10 @@ def test_products_and_gram_rows_against_numpy():
         col_sy = [sh[m] @ yb for m in range(M)]
         assert np.isclose(row_sy[int(slot[b])], sb @ yb) and np.isclose(col_sy[int(slot[b])],
                                                                            sb @ yb)
-        np.testing.assert_allclose(np.asarray(p.row_sy[b]), row_sy)
-        np.testing.assert_allclose(np.asarray(p.col_sy[b]), col_sy)
-        np.testing.assert_allclose(np.asarray(p.row_yy[b]), [yh[m] @ yb for m in range(M)])
-        np.testing.assert_allclose(np.asarray(p.row_ss[b]), [sh[m] @ sb for m in range(M)])
+        np.testing.assert_allclose(np.asarray(row_sy_[b]), row_sy)
+        np.testing.assert_allclose(np.asarray(col_sy_[b]), col_sy)
+        np.testing.assert_allclose(np.asarray(row_yy[b]), [yh[m] @ yb for m in range(M)])
+        np.testing.assert_allclose(np.asarray(row_ss[b]), [sh[m] @ sb for m in range(M)])
         np.testing.assert_allclose(np.asarray(sq[b]), [sh[m] @ qb for m in range(M)])
         np.testing.assert_allclose(np.asarray(yq[b]), [yh[m] @ qb for m in range(M)])
     assert bool(jnp.all(p.finite))
@@ -159,9 +160,9 @@ def test_store_writes_ring_slot_rho_gamma_and_gram_only_where_accepted():
     p = _pairs.products(layout, s, y, dt.acc)
     ok = jnp.asarray([True, False])
     new = _pairs.store(layout, st, s, y, p, slot, ok)
-    p, _ = _pairs.gram_rows(layout, p, _state.from_tree(layout, new.s_history),
-                            _state.from_tree(layout, new.y_history), s, y, None, dt.acc)
-    new = _pairs.store_gram_rows(layout, new, p, slot, ok)
+    rows, _ = _pairs.gram_rows(layout, _state.from_tree(layout, new.s_history),
+                               _state.from_tree(layout, new.y_history), s, y, None, dt.acc)
+    new = _pairs.store_gram_rows(layout, new, rows, slot, ok)
     np.testing.assert_allclose(np.asarray(new.s_history["a"][0]), np.asarray(s[0]))
     assert float(jnp.abs(new.s_history["b"]).max()) == 0.0  # rejected: untouched
     np.testing.assert_allclose(float(new.rho[0, 0]), 1.0 / float(p.sy[0]))

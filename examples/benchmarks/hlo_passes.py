@@ -117,7 +117,12 @@ def passes(hlo: str, min_elements: int = 1 << 16, scopes: tuple = ()) -> list[Pa
                 names = (branches.group(1).split(",") if branches else
                          re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", rest))
                 for b in names:
-                    walk(b.strip().lstrip("%"), times, scope_of(rest, inherited))
+                    b = b.strip().lstrip("%")
+                    # A branch takes the first scope named inside it (its ops carry the
+                    # branch function's name scope), else the conditional's.
+                    inner = next((scope_of(line, "") for line in comps.get(b, [])
+                                  if scope_of(line, "")), "")
+                    walk(b, times, inner or scope_of(rest, inherited))
             if op in _SKIP or op in ("while", "conditional", "call"):
                 continue
             args = rest.split("), ")[0]
