@@ -273,8 +273,9 @@ def _step(opts: Options, layout, h: Hyperparams, updates, state, params):
     g_leaves = layout.treedef.flatten_up_to(updates)
     g = layout.pack(updates)
     theta = layout.pack(params)
-    # One reduction per leaf, no boolean temporary: x * 0 is NaN exactly where x is not finite.
-    finite = jnp.isfinite(sum(jnp.sum(x * jnp.zeros((), x.dtype)) for x in g))
+    # One max-reduction per leaf and no parameter-sized temporary: max propagates NaN.
+    finite = jnp.isfinite(functools.reduce(
+        jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0).astype(jnp.float32) for x in g]))
     step = functools.partial(local_step, opts, h)
     d, new = opts.placement.run(step, layout, g, theta, state, finite)
     out = layout.unpack(d, dtypes=[x.dtype for x in g_leaves])
