@@ -167,18 +167,8 @@ class BlockLayout:
 
     def block_dot_history(self, history: list[jax.Array], v: list[jax.Array], dtype) -> jax.Array:
         """``<h_m, v>`` per block for every slot ``m`` of ``(M, ...)`` histories: ``(B, M)``."""
-        whole: dict[int, list[jax.Array]] = {}
-        rows: list[tuple[int, jax.Array]] = []
-        for h, x, seg in zip(history, v, self.segments):
-            x = x.astype(dtype)
-            if seg.rows is None:
-                dot = jnp.einsum("m...,...->m", h, x, preferred_element_type=dtype,
-                                 out_sharding=_replicated_like(x))
-                whole.setdefault(seg.offset, []).append(dot.astype(dtype))
-            else:
-                dot = jnp.einsum("mr...,r...->rm", h, x, preferred_element_type=dtype)
-                rows.append((seg.offset, dot.astype(dtype)))
-        return self._combine(whole, rows, jnp.add, dtype)
+        return self._contract_history(history, [x.astype(dtype) for x in v],
+                                      "m...,...->m", "mr...,r...->rm", dtype)
 
     def block_dot_history_many(self, history: list[jax.Array], vs: list[list[jax.Array]],
                                dtype) -> jax.Array:
@@ -187,16 +177,22 @@ class BlockLayout:
         One matrix product per packed array against the stacked vectors, so
         the history is read once for all ``K`` vectors.
         """
+        stacked = [jnp.stack([v[j].astype(dtype) for v in vs]) for j in range(len(history))]
+        return self._contract_history(history, stacked, "m...,k...->mk", "mr...,kr...->rmk",
+                                      dtype)
+
+    def _contract_history(self, history, xs, whole_spec: str, rows_spec: str, dtype):
+        """Per-block contractions of each history array with ``xs`` (einsum specs for a
+        whole-leaf and a row segment), summed over the arrays of a block."""
         whole: dict[int, list[jax.Array]] = {}
         rows: list[tuple[int, jax.Array]] = []
-        for j, (h, seg) in enumerate(zip(history, self.segments)):
-            x = jnp.stack([v[j].astype(dtype) for v in vs])
+        for h, x, seg in zip(history, xs, self.segments):
             if seg.rows is None:
-                dot = jnp.einsum("m...,k...->mk", h, x, preferred_element_type=dtype,
+                dot = jnp.einsum(whole_spec, h, x, preferred_element_type=dtype,
                                  out_sharding=_replicated_like(x))
                 whole.setdefault(seg.offset, []).append(dot.astype(dtype))
             else:
-                dot = jnp.einsum("mr...,kr...->rmk", h, x, preferred_element_type=dtype)
+                dot = jnp.einsum(rows_spec, h, x, preferred_element_type=dtype)
                 rows.append((seg.offset, dot.astype(dtype)))
         return self._combine(whole, rows, jnp.add, dtype)
 
