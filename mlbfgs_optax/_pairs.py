@@ -140,30 +140,20 @@ class Products(NamedTuple):
       ss: :math:`s^\top s`, ``(B,)``.
       sy: :math:`s^\top \hat y`, ``(B,)``.
       yy: :math:`\hat y^\top \hat y`, ``(B,)``.
-      row_sy: :math:`s_{\rm new}^\top \hat y_q` for every slot :math:`q`,
-        ``(B, M)`` (the slot the pair replaces holds its own product), or None
-        without cached Gram matrices.
-      col_sy: :math:`s_q^\top \hat y_{\rm new}`, ``(B, M)``, or None.
-      row_yy: :math:`\hat y_q^\top \hat y_{\rm new}`, ``(B, M)``, or None.
-      row_ss: :math:`s_q^\top s_{\rm new}`, ``(B, M)``, or None.
       finite: every product is finite, ``(B,)``.
     """
 
     ss: jax.Array
     sy: jax.Array
     yy: jax.Array
-    row_sy: jax.Array | None
-    col_sy: jax.Array | None
-    row_yy: jax.Array | None
-    row_ss: jax.Array | None
     finite: jax.Array
 
 
 def products(layout, s, y_hat, acc) -> Products:
     r"""The pair's inner products :math:`s^\top s`, :math:`s^\top\hat y`, :math:`\hat y^\top\hat y`.
 
-    The Gram rows are taken after the pair is stored (:func:`gram_rows`); the
-    row fields are None here. Where ``finite``, every row is finite too: by
+    The Gram rows are taken after the pair is stored (:func:`gram_rows`).
+    Where ``finite``, every row is finite too: by
     Cauchy-Schwarz, :math:`|a^\top b| \le \|a\| \|b\|`, and every stored
     pair passed this test.
     """
@@ -171,7 +161,7 @@ def products(layout, s, y_hat, acc) -> Products:
     sy = layout.block_dot(s, y_hat, acc)
     yy = layout.block_dot(y_hat, y_hat, acc)
     finite = jnp.isfinite(ss) & jnp.isfinite(sy) & jnp.isfinite(yy)
-    return Products(ss, sy, yy, None, None, None, None, finite)
+    return Products(ss, sy, yy, finite)
 
 
 def gram_rows(layout, s_hist, y_hist, s, y_hat, q, acc) -> tuple:

@@ -5,10 +5,13 @@ One update, per block :math:`b` (Niu et al., 2023, https://arxiv.org/abs/2307.13
 1. averages :math:`M^\theta \leftarrow \beta M^\theta + (1-\beta)\theta_t`,
    :math:`M^g \leftarrow \beta M^g + (1-\beta) g_t`, and with the metric the
    second moment :math:`\nu` and :math:`D^{1/2}` (:mod:`mlbfgs_optax._metric`);
-2. every :math:`T`-th call, a curvature pair (:func:`mlbfgs_optax._pairs.form_pair`),
-   run at most once per step (:func:`at_most_once`, the step's only branch);
+2. every :math:`T`-th call, a curvature pair (:func:`mlbfgs_optax._pairs.pair_step`)
+   in a loop of zero or one trip (:func:`at_most_once`: XLA updates the history in
+   place), then its Gram rows (:func:`mlbfgs_optax._pairs.gram_rows`);
 3. the direction :math:`d_b = D^{1/2} \tilde H_b D^{1/2} g_b` by the two-loop
-   recursion (:math:`D = I` without the metric), with the optional step bound;
+   recursion (:math:`D = I` without the metric), with the optional step bound: in
+   two passes over the history from the cached Gram matrices
+   (:func:`fused_direction`), else by the scan or Gram two-loop;
 4. optionally, :math:`d` divided by its global norm once any pair exists.
 
 A step whose incoming updates are not all finite leaves the state untouched and

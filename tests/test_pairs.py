@@ -146,7 +146,6 @@ def test_accept_guard():
     p = _pairs.Products(ss=jnp.asarray([1.0, 1.0, 1.0, 0.0, 1.0]),
                         sy=jnp.asarray([0.5, -0.5, 1e-20, 0.0, jnp.nan]),
                         yy=jnp.asarray([1.0, 1.0, 1.0, 0.0, 1.0]),
-                        row_sy=None, col_sy=None, row_yy=None, row_ss=None,
                         finite=jnp.asarray([True, True, True, True, False]))
     ok = _pairs.accept(p, jnp.asarray(True), None, jnp.float64)
     assert ok.tolist() == [True, False, False, False, False]
