@@ -245,3 +245,21 @@ def test_scale_resnet_reads_cifar10_from_a_user_directory(tmp_path, monkeypatch)
     loss, new_state = task.loss(params, model_state, x, y)
     assert np.isfinite(float(loss)) and jax.tree.structure(new_state) == jax.tree.structure(
         model_state)
+
+
+def test_overhead_quick_run(tmp_path):
+    """The whole script in quick mode: every case timed, the report written and readable."""
+    import json
+
+    result = optimizer_overhead.main(["--quick", "--rounds", "1", "--calls", "3",
+                                      "--out", str(tmp_path)])
+    names = {r["name"] for r in result["rows"]}
+    assert {"scale_by_mlbfgs M=1", "scale_by_mlbfgs M=10", "scale_by_mlbfgs T=1",
+            "scale_by_mlbfgs bfloat16 history", "optax.scale_by_lbfgs(10)"} <= names
+    m10 = next(r for r in result["rows"] if r["name"] == "scale_by_mlbfgs M=10")
+    assert m10["ordinary_ms"] > 0 and m10["pair_ms"] > 0
+    # The compiled step's passes were attributed: the pair step's own scope is there.
+    assert any(a["scope"] == "pair_step" for a in result["hlo"]["passes"])
+    assert result["hlo"]["pair_words"] > result["hlo"]["ordinary_words"] > 0
+    assert json.loads((tmp_path / "optimizer_overhead.json").read_text())["quick"] is True
+    assert "## Targets (issue 11)" in (tmp_path / "optimizer_overhead.md").read_text()
