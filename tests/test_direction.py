@@ -1,0 +1,92 @@
+"""The two-pass direction (mlbfgs_optax/_direction.py) against the scan two-loop and NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mlbfgs_optax
+from mlbfgs_optax import _blocks, _direction, _two_loop
+from tests.helpers import damp
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _history(rng, layout, memory, num_pairs, newest):
+    """A ring buffer of damped random pairs in ``layout``'s packing, with rho and grams."""
+    n = sum(layout.block_sizes)
+    s_hist, y_hist = np.zeros((memory, n)), np.zeros((memory, n))
+    rho = np.zeros(memory)
+    for age in range(num_pairs):
+        s, y = rng.normal(size=n), rng.normal(size=n)
+        _, y_hat, _ = damp(s, y, 0.1, 1.5, 1.0)
+        slot = (newest - age) % memory
+        s_hist[slot], y_hist[slot], rho[slot] = s, y_hat, 1.0 / (s @ y_hat)
+    return s_hist, y_hist, rho
+
+
+@pytest.mark.parametrize("memory", [3, _direction.MAX_UNROLLED_MEMORY + 2])
+@pytest.mark.parametrize("blocks", ["all", mlbfgs_optax.EqualSlices(1)])
+def test_coefficients_and_combine_equal_scan_two_loop(memory, blocks):
+    """d = gamma q + S c_s + Y c_y from the Gram coefficients and the combining pass (unrolled
+    and, beyond MAX_UNROLLED_MEMORY, contracted) equals the scan two-loop."""
+    rng = np.random.default_rng(memory)
+    n = 17
+    layout = _blocks.make_layout(np.zeros(n), blocks)
+    newest, num_pairs = 1, min(memory, 5)
+    s, y, rho = _history(rng, layout, memory, num_pairs, newest)
+    packed = layout.packed_shapes()[0][0]  # (17,) or (1, 17)
+    s_hist = [jnp.asarray(s).reshape((memory,) + packed)]
+    y_hist = [jnp.asarray(y).reshape((memory,) + packed)]
+    g = rng.normal(size=n)
+    q = [jnp.asarray(g).reshape(packed)]
+    rho_b, gamma, newest_b = jnp.asarray(rho)[None], jnp.asarray([0.7]), jnp.asarray([newest])
+    ref = _two_loop.blockwise_two_loop(layout, q, s_hist, y_hist, rho_b, gamma, newest_b)
+    sg, yg = _direction.history_products(layout, q, s_hist, y_hist, jnp.float64)
+    sy_gram, yy_gram = jnp.asarray(s @ y.T)[None], jnp.asarray(y @ y.T)[None]
+    cs, cy = _two_loop.gram_coefficients(sg, yg, rho_b, gamma, newest_b, sy_gram, yy_gram,
+                                         jnp.float64)
+    d = _direction.combine(layout, q, gamma, cs, s_hist, cy, y_hist, jnp.float64)
+    np.testing.assert_allclose(np.asarray(d[0]), np.asarray(ref[0]), rtol=1e-10, atol=1e-12)
+    # The norm from the Gram matrices is the norm of d, and its error bound holds.
+    gg = jnp.asarray([g @ g])
+    dd, err = _direction.norm_sq(gamma, cs, cy, gg, sg, yg, jnp.asarray(s @ s.T)[None],
+                                 sy_gram, yy_gram)
+    direct = float(np.sum(np.asarray(d[0]) ** 2))
+    np.testing.assert_allclose(float(dd[0]), direct, rtol=1e-10)
+    assert abs(float(dd[0]) - direct) <= float(err[0]) + 1e-12
+
+
+def test_safe_products_rescale_only_out_of_range():
+    """q^T q in range: the products as taken and c = 1; q of 1e200 (q^T q overflows): retaken
+    of q / c with c a power of two near max|q|, and the direction's coefficients scale back."""
+    layout = _blocks.make_layout(jnp.zeros(4), "all")
+    s_hist = [jnp.asarray([[1.0, 2.0, 0.0, 1.0]])]
+    y_hist = [jnp.asarray([[2.0, 1.0, 1.0, 0.0]])]
+    whiten = lambda q: (lambda: ([q], None))  # noqa: E731
+    q = jnp.asarray([1.0, -1.0, 0.5, 2.0])
+    products = (*_direction.history_products(layout, [q], s_hist, y_hist, jnp.float64),
+                layout.block_dot([q], [q], jnp.float64))
+    sg, yg, gg, c = _direction.safe_products(layout, whiten(q), s_hist, y_hist, products,
+                                             jnp.float64)
+    assert float(c[0]) == 1.0 and float(gg[0]) == float(q @ q)
+    big = q * 1e200
+    products = (*_direction.history_products(layout, [big], s_hist, y_hist, jnp.float64),
+                layout.block_dot([big], [big], jnp.float64))
+    assert not np.isfinite(float(products[2][0]))
+    sg2, yg2, gg2, c2 = _direction.safe_products(layout, whiten(big), s_hist, y_hist, products,
+                                                 jnp.float64)
+    r = 1e200 / float(c2[0])  # q / c = r * q, with c a power of two near max|q|
+    assert 0.25 <= r <= 1.0 and np.log2(float(c2[0])) == round(np.log2(float(c2[0])))
+    np.testing.assert_allclose(float(gg2[0]), float(q @ q) * r * r, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(sg2), np.asarray(sg) * r, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(yg2), np.asarray(yg) * r, rtol=1e-12)
+
+
+def test_bound_factor():
+    f = _direction.bound_factor(jnp.asarray([1.0, 1.0, 0.0]), jnp.asarray([100.0, 1.0, 0.0]), 3.0)
+    np.testing.assert_allclose(np.asarray(f), [0.3, 1.0, 1.0])
