@@ -277,8 +277,10 @@ def _step(opts: Options, layout, h: Hyperparams, updates, state, params):
     g = layout.pack(updates)
     theta = layout.pack(params)
     # One max-reduction per leaf and no parameter-sized temporary: max propagates NaN.
+    # In the widest dtype of the updates (a float64 of 1e300 is finite).
+    wide = _numerics.accumulation_dtype(*(x.dtype for x in g))
     finite = jnp.isfinite(functools.reduce(
-        jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0).astype(jnp.float32) for x in g]))
+        jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0).astype(wide) for x in g]))
     step = functools.partial(local_step, opts, h)
     d, new = opts.placement.run(step, layout, g, theta, state, finite)
     out = layout.unpack(d, dtypes=[x.dtype for x in g_leaves])

@@ -530,6 +530,18 @@ def test_bfloat16_history_rho_matches_stored_pairs():
             np.testing.assert_allclose(float(st.rho[b, slot]), 1 / (s[slot] @ y[slot]), rtol=1e-5)
 
 
+def test_float64_gradient_beyond_float32_range_is_a_finite_step():
+    """A float64 gradient of 1e300 is finite: the step counts and updates the averages (the
+    finiteness test must not round through float32)."""
+    with jax.enable_x64(True):
+        tx = mlbfgs_optax.scale_by_mlbfgs()
+        p = {"w": jnp.ones(3, jnp.float64)}
+        st = tx.init(p)
+        u, st = jax.jit(tx.update)({"w": jnp.full(3, 1e300, jnp.float64)}, st, p)
+        assert int(st.count) == 1
+        assert bool(jnp.all(st.grads_avg["w"] > 0)) and bool(jnp.all(jnp.isfinite(u["w"])))
+
+
 def test_float64_params_under_x64():
     """Inside jax.enable_x64: float64 params give float64 state scalars and updates and
     agree with the float32 run to float32 accuracy."""
