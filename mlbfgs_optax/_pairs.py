@@ -164,8 +164,8 @@ def products(layout, s, y_hat, acc) -> Products:
     return Products(ss, sy, yy, finite)
 
 
-def gram_rows(layout, s_hist, y_hist, s, y_hat, q, acc) -> tuple:
-    r"""The new pair's products with every slot of a history, in one pass per history.
+def gram_rows(layout, s_hist, y_hist, slot, q, acc) -> tuple:
+    r"""The products of the pair stored in ``slot`` with every slot of the history, one pass each.
 
     One matrix product per history, :math:`S^\top [s, \hat y, q]` and
     :math:`\hat Y^\top [s, \hat y, q]`, gives the rows of all three Gram
@@ -179,7 +179,7 @@ def gram_rows(layout, s_hist, y_hist, s, y_hat, q, acc) -> tuple:
     Args:
       layout: the block layout.
       s_hist, y_hist: packed histories.
-      s, y_hat: the packed pair, as stored.
+      slot: ``(B,)`` ring-buffer slot of the pair in the histories.
       q: the packed vector of the step's direction, or None.
       acc: the accumulation dtype.
 
@@ -188,7 +188,8 @@ def gram_rows(layout, s_hist, y_hist, s, y_hat, q, acc) -> tuple:
       (:math:`S^\top s`, :math:`S^\top \hat y`, :math:`\hat Y^\top s`,
       :math:`\hat Y^\top \hat y`), and ``(S^T q, Y^T q)``, or None without ``q``.
     """
-    vs = [s, y_hat] + ([q] if q is not None else [])
+    pair = lambda hist: [layout.gather_slot(x, slot, j) for j, x in enumerate(hist)]
+    vs = [pair(s_hist), pair(y_hist)] + ([q] if q is not None else [])
     on_s = layout.block_dot_history_many(s_hist, vs, acc)  # (B, M, K)
     on_y = layout.block_dot_history_many(y_hist, vs, acc)
     rows = (on_s[..., 0], on_s[..., 1], on_y[..., 0], on_y[..., 1])
@@ -264,10 +265,8 @@ def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     """:func:`pair_step`, Gram rows included: the new state."""
     new, stored = pair_step(layout, opts, h, dt, g, t, st, root_d, inv_lr)
     if opts.cache_gram:
-        s_hist = _state.from_tree(layout, new.s_history)
-        y_hist = _state.from_tree(layout, new.y_history)
-        pair = lambda hist: [layout.gather_slot(x, new.newest, j) for j, x in enumerate(hist)]
-        rows, _ = gram_rows(layout, s_hist, y_hist, pair(s_hist), pair(y_hist), None, dt.acc)
+        rows, _ = gram_rows(layout, _state.from_tree(layout, new.s_history),
+                            _state.from_tree(layout, new.y_history), new.newest, None, dt.acc)
         new = store_gram_rows(layout, new, rows, new.newest, stored)
     return new
 

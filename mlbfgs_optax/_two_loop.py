@@ -232,7 +232,7 @@ def gram_coefficients(sg, yg, rho, gamma, newest, sy_gram, yy_gram, acc):
     r"""The two-loop recursion's direction as :math:`d = \gamma g + S c_s + Y c_y`, per block.
 
     From the inner products alone (:func:`blockwise_two_loop_gram` gives the
-    formulas): :math:`c_s = lpha - eta` and :math:`c_y = -\gammalpha`, by
+    formulas): :math:`c_s = \alpha - \beta` and :math:`c_y = -\gamma\alpha`, by
     slot. The :math:`O(M)` scalar recursions run as ``jax.lax.scan`` over the
     ring buffer's age order (age 0: the newest pair).
 

@@ -246,9 +246,7 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
         @jax.named_scope("pair_products")
         def with_pair():
             q = whiten()[0] if fused else None
-            pair = lambda hist: [layout.gather_slot(x, new.newest, j) for j, x in enumerate(hist)]
-            rows, qs = _pairs.gram_rows(layout, s_hist, y_hist, pair(s_hist), pair(y_hist), q,
-                                        dt.acc)
+            rows, qs = _pairs.gram_rows(layout, s_hist, y_hist, new.newest, q, dt.acc)
             return rows, ((*qs, layout.block_dot(q, q, dt.acc)) if fused else None)
 
         @jax.named_scope("ordinary_products")

@@ -122,8 +122,8 @@ def test_products_and_gram_rows_against_numpy():
     write = jnp.asarray([True, True])
     s_hist = [layout.scatter_slot(h, v, slot, write, j) for j, (h, v) in enumerate(zip(s_hist, s))]
     y_hist = [layout.scatter_slot(h, v, slot, write, j) for j, (h, v) in enumerate(zip(y_hist, y))]
-    (row_ss, col_sy_, row_sy_, row_yy), (sq, yq) = _pairs.gram_rows(layout, s_hist, y_hist, s,
-                                                                     y, q, dt.acc)
+    (row_ss, col_sy_, row_sy_, row_yy), (sq, yq) = _pairs.gram_rows(layout, s_hist, y_hist,
+                                                                     slot, q, dt.acc)
     for b in range(layout.num_blocks):
         sb, yb, qb = _flat(layout, s, b), _flat(layout, y, b), _flat(layout, q, b)
         sh = [_flat(layout, [h[m] for h in s_hist], b) for m in range(M)]
@@ -160,7 +160,7 @@ def test_store_writes_ring_slot_rho_gamma_and_gram_only_where_accepted():
     ok = jnp.asarray([True, False])
     new = _pairs.store(layout, st, s, y, p, slot, ok)
     rows, _ = _pairs.gram_rows(layout, _state.from_tree(layout, new.s_history),
-                               _state.from_tree(layout, new.y_history), s, y, None, dt.acc)
+                               _state.from_tree(layout, new.y_history), slot, None, dt.acc)
     new = _pairs.store_gram_rows(layout, new, rows, slot, ok)
     np.testing.assert_allclose(np.asarray(new.s_history["a"][0]), np.asarray(s[0]))
     assert float(jnp.abs(new.s_history["b"]).max()) == 0.0  # rejected: untouched
