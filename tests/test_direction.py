@@ -67,7 +67,7 @@ def test_safe_products_rescale_only_out_of_range():
     layout = _blocks.make_layout(jnp.zeros(4), "all")
     s_hist = [jnp.asarray([[1.0, 2.0, 0.0, 1.0]])]
     y_hist = [jnp.asarray([[2.0, 1.0, 1.0, 0.0]])]
-    whiten = lambda q: (lambda: ([q], None))  # noqa: E731
+    whiten = lambda q: (lambda: ([q], None))
     q = jnp.asarray([1.0, -1.0, 0.5, 2.0])
     products = (*_direction.history_products(layout, [q], s_hist, y_hist, jnp.float64),
                 layout.block_dot([q], [q], jnp.float64))

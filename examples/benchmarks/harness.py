@@ -9,7 +9,6 @@ each), never compilation or evaluation.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess
@@ -177,46 +176,6 @@ def time_update(tx: optax.GradientTransformation, params, repeats: int = 20,
         jax.block_until_ready((u, state))
         times.append(time.perf_counter() - t0)
     return {"seconds": float(np.median(times)), "state_bytes": state_bytes}
-
-
-class UpdateTimer:
-    """One jitted update with its own state, timed in several rounds.
-
-    On a shared machine a single median can be inflated by other processes; timing
-    every case in interleaved rounds and keeping the smallest round median is robust
-    to that background load (see :func:`time_interleaved`).
-    """
-
-    def __init__(self, tx, params, donate: bool = True):
-        self.state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))
-        self.state_bytes = tree_bytes(self.state)
-        self.params = params
-        self.grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
-        self.upd = jax.jit(lambda g, s, p: tx.update(g, s, p),
-                           donate_argnums=(1,) if donate else ())
-        for _ in range(3):
-            self._call()
-
-    def _call(self):
-        u, self.state = self.upd(self.grads, self.state, self.params)
-        jax.block_until_ready((u, self.state))
-
-    def median(self, repeats: int) -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            self._call()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
-
-
-def time_interleaved(timers, repeats: int, rounds: int = 3) -> list[float]:
-    """For each timer, the smallest over ``rounds`` of its median of ``repeats`` calls."""
-    best = [math.inf] * len(timers)
-    for _ in range(rounds):
-        for i, t in enumerate(timers):
-            best[i] = min(best[i], t.median(repeats))
-    return best
 
 
 def measure_bandwidth(num_floats: int = 1 << 24, repeats: int = 10) -> float:

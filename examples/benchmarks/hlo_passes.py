@@ -6,11 +6,7 @@ and lists every top-level instruction that reads or writes an array of at least
 instructions inside ``while`` bodies (scans, counted ``trip_count`` times) and
 ``conditional`` branches. Each row gives the op, the large arrays it reads and
 writes and their bytes, so that a step's passes can be compared with the bytes the
-algorithm must move.
-
-Run from the repository root::
-
-    python -m examples.benchmarks.hlo_passes
+algorithm must move. ``optimizer_overhead.py`` reports it for the mL-BFGS step.
 """
 
 from __future__ import annotations
@@ -18,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Optional
 
 _DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s64": 8,
                 "u64": 8, "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2}
@@ -93,9 +88,12 @@ def passes(hlo: str, min_elements: int = 1 << 16, scopes: tuple = ()) -> list[Pa
     entry = comps.pop("__entry__")[0]
     out: list[Pass] = []
 
-    def scope_of(rest: str, inherited: str) -> str:
+    def op_path(rest: str) -> str:
         source = re.search(r'op_name="([^"]*)"', rest)
-        path = source.group(1) if source else ""
+        return source.group(1) if source else ""
+
+    def scope_of(rest: str, inherited: str) -> str:
+        path = op_path(rest)
         return next((sc for sc in scopes if f"/{sc}/" in path), inherited)
 
     def walk(comp: str, times: int, inherited: str = "") -> None:
@@ -133,8 +131,7 @@ def passes(hlo: str, min_elements: int = 1 << 16, scopes: tuple = ()) -> list[Pa
             big_out = [(dt, e) for dt, e in _arrays(type_text) if e >= min_elements]
             if not big_in and not big_out:
                 continue
-            source = re.search(r'op_name="([^"]*)"', rest)
-            path = source.group(1) if source else ""
+            path = op_path(rest)
             last = path.split("/")[-1]
             nbytes = lambda t: sum(_DTYPE_BYTES[dt] * e for dt, e in _arrays(t)
                                    if e >= min_elements)
@@ -162,21 +159,6 @@ def passes(hlo: str, min_elements: int = 1 << 16, scopes: tuple = ()) -> list[Pa
 
     walk(entry, 1)
     return out
-
-
-def table(rows: list[Pass], word_bytes: float, title: Optional[str] = None) -> str:
-    """A Markdown table of ``rows`` in words per parameter (``word_bytes`` = 4 n)."""
-    lines = ([f"**{title}**", ""] if title else []) + [
-        "| scope | instruction | op | runs | reads (words/param) | writes (words/param) "
-        "| arrays (source op) |",
-        "|---|---|---|---|---|---|---|"]
-    for p in rows:
-        lines.append(f"| {p.scope or '-'} | {p.name} | {p.op} | {p.times} | "
-                     f"{p.read_bytes / word_bytes:.2f} | "
-                     f"{p.write_bytes / word_bytes:.2f} | {p.detail[:120]} |")
-    total = sum(p.total_bytes for p in rows) / word_bytes
-    lines.append(f"| **total** | | | | | | **{total:.2f} words/param** |")
-    return "\n".join(lines) + "\n"
 
 
 def words(rows: list[Pass], word_bytes: float, skip: tuple = ()) -> float:
