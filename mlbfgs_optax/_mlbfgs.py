@@ -47,6 +47,7 @@ def scale_by_mlbfgs(
     step_bound: Optional[float] = 3.0,
     roundoff_rejection: Optional[float] = 100.0,
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    curvature: str = "gradient_difference",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by a block-wise, momentum-based L-BFGS (mL-BFGS).
 
@@ -185,10 +186,22 @@ def scale_by_mlbfgs(
         :math:`H_0 = D` is the step the chain takes before scaling; without it
         :math:`\eta = 1`. Ignored with ``metric="identity"``.
         :func:`~mlbfgs_optax.mlbfgs` passes its own.
+      curvature: how a pair's :math:`y` is measured. ``"gradient_difference"``
+        (default, the paper): the change of the gradient average,
+        :math:`y = M^g - M^g_{\rm snap}`. ``"hessian_vector"``:
+        :math:`y = \nabla^2 f_{\rm batch}(\theta_t)\, s`, the exact curvature of
+        the current batch's loss along :math:`s` (as in SQN, Byrd et al., 2016,
+        https://arxiv.org/abs/1401.7020), computed only on pair steps by
+        forward-over-reverse differentiation of the ``grad_fn`` that ``update``
+        then requires: ``update(updates, state, params, grad_fn=...)`` with
+        ``grad_fn(params)`` the gradient of the loss on the batch that gave
+        ``updates`` (about two gradients' cost every :math:`T` calls). Pairs
+        are then free of gradient noise; the rest of the method is unchanged.
+        One device or GSPMD only (not with ``axis_name`` or ``mesh``).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs
-      ``params``.
+      ``params`` (and ``grad_fn`` with ``curvature="hessian_vector"``).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -215,14 +228,23 @@ def scale_by_mlbfgs(
     def init_fn(params):
         return _update.init(options, params)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
         del extra_args
         if params is None:
             raise ValueError(
                 "scale_by_mlbfgs needs the current params: call "
                 "update(updates, state, params)."
             )
-        return _update.update(options, hyper, updates, state, params)
+        if options.curvature == "hessian_vector":
+            if grad_fn is None:
+                raise ValueError(
+                    "scale_by_mlbfgs(curvature='hessian_vector') needs the gradient function "
+                    "of the current batch: call update(updates, state, params, "
+                    "grad_fn=lambda p: jax.grad(loss)(p, batch))."
+                )
+        else:
+            grad_fn = None
+        return _update.update(options, hyper, updates, state, params, grad_fn)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -256,6 +278,7 @@ def mlbfgs(
     metric_eps: float = 1e-8,
     step_bound: Optional[float] = 3.0,
     roundoff_rejection: Optional[float] = 100.0,
+    curvature: str = "gradient_difference",
 ) -> optax.GradientTransformationExtraArgs:
     r"""The mL-BFGS optimizer: weight decay, mL-BFGS direction, momentum, step.
 

@@ -113,6 +113,9 @@ class Options:
       lr_schedule: the learning-rate schedule (a callable of the step), or
         None when the rate is a number (in :class:`Hyperparams`) or not given.
       placement: where the blocks live (:mod:`mlbfgs_optax._distributed`).
+      curvature: ``"gradient_difference"`` (the paper's :math:`y`, the change
+        of the gradient average) or ``"hessian_vector"`` (:math:`y = \nabla^2 f\, s`
+        on the current batch, from the ``grad_fn`` passed to ``update``).
     """
 
     memory_size: int
@@ -130,6 +133,7 @@ class Options:
     roundoff_off: bool
     lr_schedule: Optional[Callable]
     placement: _distributed.Placement
+    curvature: str = "gradient_difference"
 
 
 def make_options(
@@ -158,6 +162,7 @@ def make_options(
     step_bound,
     roundoff_rejection,
     learning_rate,
+    curvature="gradient_difference",
 ) -> tuple[Options, Hyperparams]:
     """Validates every argument of ``scale_by_mlbfgs`` and splits them.
 
@@ -208,6 +213,16 @@ def make_options(
             f"scale_by_mlbfgs: blocks={blocks!r} is invalid; expected 'leaf', 'all', an "
             "EqualSlices, a label pytree or a callable params -> labels."
         )
+    if curvature not in ("gradient_difference", "hessian_vector"):
+        raise ValueError(
+            f"scale_by_mlbfgs: curvature={curvature!r} is invalid; expected "
+            "'gradient_difference' or 'hessian_vector'."
+        )
+    if curvature == "hessian_vector" and (axis_name is not None or mesh is not None):
+        raise ValueError(
+            "scale_by_mlbfgs: curvature='hessian_vector' runs on one device or under GSPMD "
+            "only; it cannot be combined with axis_name or mesh."
+        )
     placement = _distributed.make_placement(axis_name, mesh, blocks)
     if sigma_yy is None:
         sigma_yy = 10.0 * sigma_high if is_number(sigma_high) else math.inf
@@ -227,6 +242,7 @@ def make_options(
         roundoff_off=roundoff_rejection is None,
         lr_schedule=learning_rate if callable(learning_rate) else None,
         placement=placement,
+        curvature=curvature,
     )
     hyper = Hyperparams(
         update_period=update_period,

@@ -272,7 +272,7 @@ def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
 
 
 def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
-              st: ScaleByMLBFGSState, root_d=None, inv_lr=None) -> tuple:
+              st: ScaleByMLBFGSState, root_d=None, inv_lr=None, hvp=None) -> tuple:
     r"""One damped, guarded pair per block, then the snapshot (``t``: the call index).
 
     ``st`` already holds this call's averages; ``g`` is the packed incoming
@@ -281,6 +281,9 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     pair is whitened (:func:`mlbfgs_optax._metric.whiten_pair`) before the pair
     momentum, the damping and the guard, which then work in the whitened
     coordinates. A pair at round-off level (:func:`above_roundoff`) is rejected.
+    With ``hvp`` (packed :math:`v \mapsto \nabla^2 f\, v` on the caller's batch)
+    the pair's :math:`y` is :math:`\nabla^2 f\, s` instead of the change of
+    the gradient average (``curvature="hessian_vector"``).
     The Gram rows of a stored pair are left to the caller (:func:`gram_rows`,
     :func:`store_gram_rows`; :func:`form_pair` does both).
 
@@ -292,6 +295,8 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     s_hist = _state.from_tree(layout, st.s_history)
     y_hist = _state.from_tree(layout, st.y_history)
     s, y = candidate(layout, st, opts.bias_correction, acc)
+    if hvp is not None:
+        y = [x.astype(acc) for x in hvp(s)]
     not_roundoff = True
     if not opts.roundoff_off:
         not_roundoff = above_roundoff(layout, s, st, opts.bias_correction,

@@ -197,11 +197,12 @@ def fused_direction(layout, opts: Options, h: Hyperparams, whiten, products,
 
 
 def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
-               coll: Collectives):
+               coll: Collectives, hvp=None):
     """Steps 1-4 on the blocks of ``layout`` (this device's share, when sharded).
 
     ``g`` and ``theta`` are packed like ``layout``; ``coll`` reduces over the
-    devices that share the blocks (identities on one device).
+    devices that share the blocks (identities on one device). ``hvp``: packed
+    Hessian-vector product for ``curvature="hessian_vector"``, else None.
     """
     dt = state_dtypes(opts, layout)
     new = averages(layout, state, g, theta, h.beta, finite, dt)
@@ -230,7 +231,7 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
         new, stored = at_most_once(
             is_pair_step,
             lambda st: _pairs.pair_step(layout, opts, h, dt, g, state.count, st, whiten()[1],
-                                        inv_lr),
+                                        inv_lr, hvp),
             new, _pairs.written_fields(opts.refresh_grad_average),
             jnp.zeros_like(state.newest, dtype=bool))
     fused = opts.cache_gram and not opts.normalize
@@ -269,7 +270,23 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
     return d, new
 
 
-def _step(opts: Options, layout, h: Hyperparams, updates, state, params):
+def hessian_vector(layout, grad_fn, params):
+    r"""Packed :math:`v \mapsto \nabla^2 f(\theta)\, v` at ``params``, by forward-over-reverse.
+
+    ``grad_fn`` maps params to the gradient of the caller's loss on its
+    current batch; the product is :func:`jax.jvp` of it along the unpacked
+    ``v`` (about the cost of two gradients).
+    """
+    dtypes = [x.dtype for x in jax.tree.leaves(params)]
+
+    def hvp(v):
+        tangent = layout.unpack(v, dtypes=dtypes)
+        return layout.pack(jax.jvp(grad_fn, (params,), (tangent,))[1])
+
+    return hvp
+
+
+def _step(opts: Options, layout, h: Hyperparams, updates, state, params, grad_fn=None):
     """A validated update: pack, run the placement's step, unpack."""
     g_leaves = layout.treedef.flatten_up_to(updates)
     g = layout.pack(updates)
@@ -279,7 +296,8 @@ def _step(opts: Options, layout, h: Hyperparams, updates, state, params):
     wide = _numerics.accumulation_dtype(*(x.dtype for x in g))
     finite = jnp.isfinite(functools.reduce(
         jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0).astype(wide) for x in g]))
-    step = functools.partial(local_step, opts, h)
+    hvp = None if grad_fn is None else hessian_vector(layout, grad_fn, params)
+    step = functools.partial(local_step, opts, h, hvp=hvp)
     d, new = opts.placement.run(step, layout, g, theta, state, finite)
     out = layout.unpack(d, dtypes=[x.dtype for x in g_leaves])
     out = jax.tree.map(lambda o, u: jnp.where(finite, o, u), out, updates)
@@ -294,10 +312,16 @@ _step_static_hyper = jax.jit(_step, static_argnums=(0, 1, 2))
 _step_traced_hyper = jax.jit(_step, static_argnums=(0, 1))
 
 
-def update(opts: Options, h: Hyperparams, updates, state, params):
-    """Checks that updates, state and params fit together, then runs the step."""
+def update(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
+    """Checks that updates, state and params fit together, then runs the step.
+
+    With ``grad_fn`` (``curvature="hessian_vector"``) the step is traced in
+    the caller's trace: ``grad_fn`` closes over the caller's batch.
+    """
     layout = _blocks.make_layout(params, opts.blocks)
     check_structure(opts, layout, updates, state)
+    if grad_fn is not None:
+        return _step(opts, layout, h, updates, state, params, grad_fn)
     concrete = all(x is None or is_number(x) for x in h)
     step = _step_static_hyper if concrete else _step_traced_hyper
     return step(opts, layout, h, updates, state, params)

@@ -263,3 +263,14 @@ def test_overhead_quick_run(tmp_path):
     assert result["hlo"]["pair_words"] > result["hlo"]["ordinary_words"] > 0
     assert json.loads((tmp_path / "optimizer_overhead.json").read_text())["quick"] is True
     assert "## Targets (issue 11)" in (tmp_path / "optimizer_overhead.md").read_text()
+
+
+def test_quick_run_of_named_optimizers_passes_grad_fn(tmp_path):
+    """``--opts`` selects optimizers; Hessian-vector pairs get the batch's grad_fn."""
+    with jax.numpy_rank_promotion("allow"):
+        results = run.main(["--quick", "--tasks", "logreg", "--opts", "mlbfgs_hvp",
+                            "--out", str(tmp_path)])
+    task = results["tasks"]["logreg"]
+    assert set(task["summary"]) == {"mlbfgs_hvp"}
+    assert all(math.isfinite(r["gap"][-1]) for r in task["runs"])
+    assert task["update"]["mlbfgs_hvp"]["update_seconds"] > 0

@@ -435,3 +435,71 @@ def test_cache_gram_off_gives_the_same_directions():
             d_off, s_off = off.update(jnp.asarray(g), s_off, jnp.asarray(w))
             np.testing.assert_allclose(d_on, d_off, rtol=1e-9, atol=1e-12)
         assert int(s_on.num_pairs[0]) == 4 and s_off.sy_gram.shape == (1, 0, 0)
+
+
+def test_hessian_vector_pairs_are_exact_under_gradient_noise():
+    """``curvature="hessian_vector"``: with noisy gradients (where gradient-difference
+    pairs are noise) every stored y is exactly A s of a quadratic, through the ``mlbfgs``
+    chain (weight decay and momentum pass ``grad_fn`` on) and a jitted step."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(5, 5))
+    a = jnp.asarray(q @ q.T + np.eye(5), jnp.float32)
+    lam = 1e-2
+    f = lambda p: 0.5 * p["w"] @ a @ p["w"] + jnp.sum(p["w"])
+    tx = mlbfgs_optax.mlbfgs(0.05, update_period=2, beta=0.5,
+                             weight_decay=lam, curvature="hessian_vector", **NO_DAMPING)
+    p = {"w": jnp.ones(5)}
+    state = tx.init(p)
+
+    @jax.jit
+    def step(p, state, noise):
+        g = jax.tree.map(lambda x, n: x + n, jax.grad(f)(p), noise)
+        u, state = tx.update(g, state, p, grad_fn=jax.grad(f))
+        return optax.apply_updates(p, u), state
+
+    for _ in range(12):
+        p, state = step(p, state, {"w": jnp.asarray(rng.normal(size=5), jnp.float32)})
+    st = state[0]
+    s, y = np.asarray(st.s_history["w"]), np.asarray(st.y_history["w"])
+    stored = np.asarray(st.rho[0]) != 0
+    assert stored.sum() == 5
+    # grad_fn is the caller's gradient; the weight decay is not in it.
+    np.testing.assert_allclose(y[stored], s[stored] @ np.asarray(a).T, rtol=1e-4, atol=1e-6)
+    plain = mlbfgs_optax.mlbfgs(0.05, update_period=2, beta=0.5,
+                                **NO_DAMPING)
+    pstate = plain.init({"w": jnp.ones(5)})
+    assert jax.tree.structure(pstate) == jax.tree.structure(state)  # same state
+
+
+def test_hessian_vector_pairs_need_grad_fn_and_one_device():
+    tx = mlbfgs_optax.scale_by_mlbfgs(curvature="hessian_vector")
+    p = jnp.ones(3)
+    with pytest.raises(ValueError, match="grad_fn"):
+        tx.update(p, tx.init(p), p)
+    with pytest.raises(ValueError, match="axis_name or mesh"):
+        mlbfgs_optax.scale_by_mlbfgs(curvature="hessian_vector", axis_name="x",
+                                     blocks=mlbfgs_optax.EqualSlices(2))
+    # Gradient-difference pairs ignore a grad_fn passed by a shared training loop.
+    plain = mlbfgs_optax.scale_by_mlbfgs()
+    d1, _ = plain.update(p, plain.init(p), p, grad_fn=lambda x: 1e9 * x)
+    d2, _ = plain.update(p, plain.init(p), p)
+    np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
+
+
+def test_hessian_vector_pairs_through_inject_hyperparams_and_multisteps():
+    """optax's wrappers pass ``grad_fn`` on; pairs get stored through each."""
+    f = lambda p: jnp.sum(jnp.array([1.0, 10.0]) * p ** 2)
+    p = jnp.ones(2)
+    inject = optax.inject_hyperparams(mlbfgs_optax.mlbfgs, static_args=("memory_size",))(
+        learning_rate=0.01, curvature="hessian_vector", update_period=2)
+    multi = optax.MultiSteps(mlbfgs_optax.mlbfgs(0.01, curvature="hessian_vector",
+                                                 update_period=2), 2)
+    for tx, inner in ((inject, lambda s: s.inner_state[0]),
+                      (multi, lambda s: s.inner_opt_state[0])):
+        step = jax.jit(lambda g, s, q, tx=tx: tx.update(g, s, q, grad_fn=jax.grad(f)))
+        q, state = p, tx.init(p)
+        for _ in range(8):
+            u, state = step(jax.grad(f)(q), state, q)
+            q = optax.apply_updates(q, u)
+        assert int(inner(state).num_pairs[0]) >= 1
+        assert float(f(q)) < float(f(p))

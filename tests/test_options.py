@@ -34,6 +34,7 @@ _BAD_SCALE = [
     ("metric_eps", 0.0), ("metric_eps", -1e-8), ("metric_eps", _INF),
     ("step_bound", 0.0), ("step_bound", -1.0), ("step_bound", _INF), ("step_bound", _NAN),
     ("roundoff_rejection", -1.0), ("roundoff_rejection", _INF),
+    ("curvature", "hessian"), ("curvature", None),
 ]
 
 

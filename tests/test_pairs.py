@@ -198,3 +198,21 @@ def test_above_roundoff_compares_s_with_the_rounding_of_the_parameter_average():
     opts, h = _setup(roundoff_rejection=1e20)[1:3]
     new = _pairs.form_pair(layout, opts, h, dt, _state.from_tree(layout, st.grads_avg), 5, st)
     assert new.num_pairs.tolist() == [0, 0] and new.num_skipped.tolist() == [1, 1]
+
+
+def test_pair_step_with_hvp_stores_the_hessian_times_s():
+    """``curvature="hessian_vector"``: y is the product of the given Hessian with s."""
+    layout, opts, h, dt, st, rng = _setup(sigma_low=-np.inf, sigma_high=np.inf)
+    mats = [rng.normal(size=(6, 6)), rng.normal(size=(4, 4))]
+    mats = [a @ a.T + 6 * np.eye(len(a)) for a in mats]  # SPD: every pair is accepted
+    hvp = lambda v: [jnp.asarray(a @ np.ravel(x)).reshape(x.shape) for a, x in zip(mats, v)]
+    g = _state.from_tree(layout, st.grads_avg)
+    new, stored = _pairs.pair_step(layout, opts, h, dt, g, jnp.asarray(5), st, hvp=hvp)
+    assert stored.tolist() == [True, True]
+    s, _ = _pairs.candidate(layout, st, True, dt.acc)
+    for b, a in enumerate(mats):
+        s_b = _flat(layout, s, b)
+        np.testing.assert_allclose(_flat(layout, [x[0] for x in _state.from_tree(
+            layout, new.s_history)], b), s_b, rtol=1e-12)
+        np.testing.assert_allclose(_flat(layout, [x[0] for x in _state.from_tree(
+            layout, new.y_history)], b), a @ s_b, rtol=1e-12)

@@ -36,7 +36,9 @@ def cosine(lr, total_steps):
 class Trainer:
     """Compiles and runs one optimizer on one task."""
 
-    def __init__(self, task: Task, make: Callable, steps: int, eval_every: int):
+    def __init__(self, task: Task, make: Callable, steps: int, eval_every: int,
+                 uses_grad_fn: bool = False):
+        """``uses_grad_fn``: pass ``grad_fn`` (the batch's gradient function) to ``update``."""
         self.task, self.make, self.steps, self.eval_every = task, make, steps, eval_every
         self.x_train = jnp.asarray(task.x_train)
         self.y_train = jnp.asarray(task.y_train)
@@ -56,8 +58,11 @@ class Trainer:
 
             def step(carry, batch_idx):
                 p, s = carry
-                loss, g = jax.value_and_grad(task.loss)(p, x[batch_idx], y[batch_idx])
-                u, s = tx.update(g, s, p)
+                xb, yb = x[batch_idx], y[batch_idx]
+                loss, g = jax.value_and_grad(task.loss)(p, xb, yb)
+                extra = ({"grad_fn": lambda q: jax.grad(task.loss)(q, xb, yb)}
+                         if uses_grad_fn else {})
+                u, s = tx.update(g, s, p, **extra)
                 return (optax.apply_updates(p, u), s), loss
 
             (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), idx)
@@ -155,16 +160,20 @@ def summarize(task: Task, hist, chunk_times, steps_per_chunk, diverged):
 
 
 def time_update(tx: optax.GradientTransformation, params, repeats: int = 20,
-                donate: bool = True) -> dict[str, float]:
+                donate: bool = True, grad_fn: Callable | None = None) -> dict[str, float]:
     """Median seconds of the jitted ``tx.update(g, state, params)`` alone.
 
+    With ``grad_fn`` it is passed to ``update`` (Hessian-vector-product pairs: their
+    cost, one forward-over-reverse pass every T calls, is then part of the update).
     The state is donated (``donate_argnums=1``) unless ``donate=False``. The state is
     copied once after ``init`` because optax.scale_by_lbfgs aliases two zero buffers in
     its initial state, which donation rejects.
     """
     state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
-    upd = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(1,) if donate else ())
+    extra = {} if grad_fn is None else {"grad_fn": grad_fn}
+    upd = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra),
+                  donate_argnums=(1,) if donate else ())
     state_bytes = tree_bytes(state)
     for _ in range(3):  # compile and warm up
         u, state = upd(grads, state, params)

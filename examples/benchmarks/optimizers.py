@@ -34,6 +34,10 @@ class OptSpec:
       floor_formula: the same, as text for the table notes.
       ablation_of: for ablations, the optimizer whose best lr they reuse.
       only: restrict to tasks with this attribute true (e.g. ``"muon"``).
+      uses_grad_fn: ``update`` takes ``grad_fn``, the gradient function of the batch
+        (``curvature="hessian_vector"``).
+      research: a one-off variant of a research round (``research/issue10_hvp.md``):
+        run only when named with ``--opts``.
     """
 
     name: str
@@ -45,6 +49,8 @@ class OptSpec:
     floor_formula: str
     ablation_of: Optional[str] = None
     only: Optional[str] = None
+    uses_grad_fn: bool = False
+    research: bool = False
 
 
 # The library's current defaults, read from its signature for the labels and the memory
@@ -154,6 +160,19 @@ SPECS = (
     OptSpec("mlbfgs_default", f"mlbfgs library defaults, only lr passed ({_fmt_defaults()})",
             _mlbfgs(**MLBFGS_DEFAULTS), ADAM_GRID, (1e-3, 1e-2), _words_default(),
             DEFAULT_FORMULA),
+    OptSpec("mlbfgs_hvp", "mlbfgs defaults with curvature='hessian_vector': y = (Hessian of "
+            "the batch loss at theta_t) s, by forward-over-reverse every T steps (Byrd et al. "
+            "2016, arXiv 1401.7020), instead of the change of the gradient average",
+            _mlbfgs(**MLBFGS_DEFAULTS, curvature="hessian_vector"), ADAM_GRID, (1e-3, 1e-2),
+            _words_default(), DEFAULT_FORMULA, uses_grad_fn=True),
+    OptSpec("mlbfgs_hvp_beta0", "mlbfgs_hvp with beta=0: s is the raw displacement over T "
+            "steps (Hessian-vector pairs need no gradient averaging)",
+            _mlbfgs(**MLBFGS_DEFAULTS, curvature="hessian_vector", beta=0.0), ADAM_GRID,
+            (1e-3, 1e-2), _words_default(), DEFAULT_FORMULA, uses_grad_fn=True, research=True),
+    OptSpec("mlbfgs_sigma_low_0.01", "mlbfgs defaults with sigma_low=0.01 (every pair's raw "
+            "curvature is below 0.1 of the metric's on the networks: the bound clamps them all)",
+            _mlbfgs(**MLBFGS_DEFAULTS, sigma_low=0.01), ADAM_GRID, (1e-3, 1e-2),
+            _words_default(), DEFAULT_FORMULA, research=True),
     OptSpec("mlbfgs_paper", "mlbfgs, the defaults before issue 10: paper_defaults + bias "
             "correction + sigma_yy 10*sigma_high, no momentum (H0 = gamma I, lr in SGD units)",
             _mlbfgs(**MLBFGS_PAPER), PAPER_GRID, (0.01, 0.1), mlbfgs_words(M, 10),

@@ -26,6 +26,7 @@ import time
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -39,14 +40,16 @@ QUICK_SPECS = ("sgd", "muon", "mlbfgs_default", "mlbfgs_authors", "nsgdm", "abl_
 QUICK_TASKS = ("mnist1d_mlp", "fmnist_mlp", "logreg")
 
 
-def _specs_for(task: Task, quick: bool) -> list[OptSpec]:
+def _specs_for(task: Task, quick: bool, names: Optional[Sequence[str]] = None) -> list[OptSpec]:
     out = []
     for s in SPECS:
+        if (s.name not in names) if names is not None else s.research:
+            continue
         if s.only and not getattr(task, s.only):
             continue
         if s.ablation_of and not task.ablations:
             continue
-        if quick and s.name not in QUICK_SPECS:
+        if quick and names is None and s.name not in QUICK_SPECS:
             continue  # quick mode: fewer compilations, every code path still runs
         out.append(s)
     return out
@@ -107,7 +110,7 @@ def run_task(task: Task, specs, args, bar, bandwidth) -> dict[str, Any]:
     ordered = [s for s in specs if not s.ablation_of] + [s for s in specs if s.ablation_of]
     for spec in ordered:
         bar.set_description(f"{task.name}: {spec.name}")
-        trainer = harness.Trainer(task, spec.make, steps, eval_every)
+        trainer = harness.Trainer(task, spec.make, steps, eval_every, spec.uses_grad_fn)
         result["compile_seconds"][spec.name] = trainer.compile_seconds
         runs = []
 
@@ -132,7 +135,12 @@ def run_task(task: Task, specs, args, bar, bandwidth) -> dict[str, Any]:
         # Optimizer-only update time on this task's parameters.
         params = jax.jit(task.init)(jax.random.key(0))
         tx = spec.make(harness.cosine(0.01, steps))
-        upd = harness.time_update(tx, params, repeats=5 if args.quick else 30)
+        grad_fn = None
+        if spec.uses_grad_fn:
+            xb = jnp.asarray(task.x_train[:task.batch_size])
+            yb = jnp.asarray(task.y_train[:task.batch_size])
+            grad_fn = lambda p: jax.grad(task.loss)(p, xb, yb)
+        upd = harness.time_update(tx, params, repeats=5 if args.quick else 30, grad_fn=grad_fn)
         floor = spec.floor_words * 4 * task.num_params / bandwidth
         result["update"][spec.name] = {
             "update_seconds": upd["seconds"],
@@ -323,6 +331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         f"{', '.join(QUICK_TASKS)}")
     p.add_argument("--out", default=harness.DEFAULT_OUT)
     p.add_argument("--seeds", type=int, default=None, help="default 3 (1 with --quick)")
+    p.add_argument("--opts", nargs="+", default=None, choices=[s.name for s in SPECS],
+                   help="run only these optimizers (an ablation also needs the one whose "
+                        "lr it reuses)")
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
@@ -339,7 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             if not args.quick:
                 raise
             print(f"note: skipping {name} in --quick mode: {e}", file=sys.stderr)
-    total = sum(_plan(t, _specs_for(t, args.quick), args.seeds, args.quick)
+    total = sum(_plan(t, _specs_for(t, args.quick, args.opts), args.seeds, args.quick)
                 for t in tasks.values())
     results = {
         "config": {"quick": args.quick, "seeds": args.seeds, "tasks": args.tasks,
@@ -358,7 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                           "(see examples/datasets.py)"}
                 continue
             task = tasks[name]
-            results["tasks"][name] = run_task(task, _specs_for(task, args.quick), args, bar,
+            results["tasks"][name] = run_task(task, _specs_for(task, args.quick, args.opts), args, bar,
                                               bandwidth)
     results["wall_seconds"] = time.perf_counter() - t_start
     results = _jsonable(results)
