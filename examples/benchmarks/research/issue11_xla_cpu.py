@@ -14,6 +14,12 @@ Prints Markdown (committed as ``issue11_xla_cpu.md`` next to this file).
 2. ``S^T q`` for a history ``S`` of 10 x 1M (4 leaves) in float32 and in bfloat16, in every
    formulation tried, and the elementwise combining pass ``sum_m c_m S_m``; median ms of 10
    calls with the floor (bytes / bandwidth of a jitted ``y = a*x + y``).
+3. The two passes an ordinary step cannot avoid (the products ``S^T q``, ``Y^T q`` and the
+   combining pass over both histories), float32, in the fastest forms XLA:CPU offers: as
+   the library computes them (one matrix-vector product per history), as one product of a
+   stacked ``(2M, n)`` history (a state layout the library does not have), and as matrix
+   products of reshaped histories. Their time against their floor bounds what any ordinary
+   step built from XLA:CPU's kernels can reach.
 """
 
 from __future__ import annotations
@@ -137,10 +143,55 @@ def products_table() -> list[str]:
     return lines
 
 
+def _stacked_gemm(h, q, c=4):
+    """``S^T q`` as a matrix product of ``S`` reshaped to ``(M c, n / c)`` (c-fold FLOPs)."""
+    out = 0.0
+    for s, x in zip(h, q):
+        k = x.size // c
+        r = s.reshape(M * c, k) @ x.reshape(c, k).T
+        out = out + jnp.trace(r.reshape(M, c, c), axis1=1, axis2=2)
+    return out
+
+
+def bound_table() -> list[str]:
+    bw = harness.measure_bandwidth()
+    n = LEAVES * SHAPE[0] * SHAPE[1]
+    key = jax.random.key(1)
+    hs = [jax.random.normal(jax.random.fold_in(key, i), (M,) + SHAPE) for i in range(LEAVES)]
+    hy = [jax.random.normal(jax.random.fold_in(key, 9 + i), (M,) + SHAPE) for i in range(LEAVES)]
+    both = [jnp.concatenate([a, b]) for a, b in zip(hs, hy)]
+    q = [jnp.ones(SHAPE) for _ in range(LEAVES)]
+    c = jnp.linspace(0.5, 1.5, 2 * M)
+    dot = lambda h, q: sum(jnp.einsum("mij,ij->m", s, x) for s, x in zip(h, q))
+    prod_floor = 2 * M * 4 * n / bw * 1e3
+    comb_floor = (2 * M + 2) * 4 * n / bw * 1e3
+    rows = [
+        ("products: one matrix-vector product per history (the library)",
+         _median_ms(jax.jit(lambda a, b, q: (dot(a, q), dot(b, q))), (hs, hy, q)), prod_floor),
+        ("products: one matrix-vector product of the stacked (2M, n) history",
+         _median_ms(jax.jit(dot), (both, q)), prod_floor),
+        ("products: matrix products of the histories reshaped to (4M, n/4)",
+         _median_ms(jax.jit(lambda a, b, q: (_stacked_gemm(a, q), _stacked_gemm(b, q))),
+                    (hs, hy, q)), prod_floor),
+        ("combining pass over both histories (elementwise, unrolled)",
+         _median_ms(jax.jit(lambda h, q, c: [x + sum(c[m] * s[m] for m in range(2 * M))
+                                             for s, x in zip(h, q)]), (both, q, c)),
+         comb_floor),
+    ]
+    lines = ["", f"## 3. The two unavoidable passes of an ordinary step, float32, M = {M}, "
+             f"n = {n:,}", "", f"Bandwidth (jitted y = a*x + y): {bw / 1e9:.1f} GB/s.", "",
+             "| pass | ms | floor ms | / floor |", "|---|---|---|---|"]
+    lines += [f"| {name} | {ms:.1f} | {fl:.1f} | {ms / fl:.1f} |" for name, ms, fl in rows]
+    best = min(r[1] for r in rows[:3]) + rows[3][1]
+    lines += ["", f"Fastest products + combining pass: {best:.1f} ms against their floor "
+              f"{prod_floor + comb_floor:.1f} ms ({best / (prod_floor + comb_floor):.1f}x)."]
+    return lines
+
+
 def main() -> str:
     md = "\n".join(["# XLA:CPU measurements for issue 11", "",
                     f"{harness.machine()}; jax {jax.__version__}.", ""]
-                   + faults_table() + products_table()) + "\n"
+                   + faults_table() + products_table() + bound_table()) + "\n"
     print(md)
     return md
 
