@@ -40,7 +40,7 @@ def main():
     kw = dict(curvature=args.curvature, sigma_low=args.sigma_low, step_bound=args.step_bound)
     tx = mlbfgs_optax.mlbfgs(sched, **kw)
     inner = mlbfgs_optax.scale_by_mlbfgs(learning_rate=sched, **kw)
-    hvp = args.curvature == "hessian_vector"
+    hvp = args.curvature != "gradient_difference"
     x, y = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
 
     @jax.jit
