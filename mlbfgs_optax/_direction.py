@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 
 from mlbfgs_optax import _numerics
-from mlbfgs_optax import _state
 
 #: Unroll the combining pass over the M slots up to this memory size (one
 #: elementwise fusion that reads each history row once); beyond it, one
@@ -54,13 +53,8 @@ def history_products(layout, q: list, hist: list, acc) -> tuple:
     :math:`[S; \hat Y]` (``(2M, ...)``), split in halves.
     """
     m = hist[0].shape[0] // 2
-    if all(h.dtype == acc for h in hist):
-        both = layout.block_dot_history(hist, q, acc)
-        return both[:, :m], both[:, m:]
-    # A narrower history is converted to ``acc`` for the product (XLA:CPU has no mixed
-    # matrix-vector kernel): half by half, the converted temporary is half as large.
-    s_hist, y_hist = _state.split_history(hist)
-    return layout.block_dot_history(s_hist, q, acc), layout.block_dot_history(y_hist, q, acc)
+    both = layout.block_dot_history(hist, q, acc)
+    return both[:, :m], both[:, m:]
 
 
 def safe_products(layout, whiten, hist: list, products: tuple, acc) -> tuple:

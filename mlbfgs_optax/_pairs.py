@@ -193,13 +193,8 @@ def gram_rows(layout, hist, slot, q, acc) -> tuple:
     m = hist[0].shape[0] // 2
     pair = lambda offset: [layout.gather_slot(x, slot + offset, j) for j, x in enumerate(hist)]
     vs = [pair(0), pair(m)] + ([q] if q is not None else [])
-    if all(h.dtype == acc for h in hist):
-        on = layout.block_dot_history_many(hist, vs, acc)  # (B, 2M, K)
-        on_s, on_y = on[:, :m], on[:, m:]
-    else:  # narrower history: converted half by half (see _direction.history_products)
-        s_hist, y_hist = _state.split_history(hist)
-        on_s = layout.block_dot_history_many(s_hist, vs, acc)
-        on_y = layout.block_dot_history_many(y_hist, vs, acc)
+    on = layout.block_dot_history_many(hist, vs, acc)  # (B, 2M, K)
+    on_s, on_y = on[:, :m], on[:, m:]
     rows = (on_s[..., 0], on_s[..., 1], on_y[..., 0], on_y[..., 1])
     return rows, ((on_s[..., 2], on_y[..., 2]) if q is not None else None)
 

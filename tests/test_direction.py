@@ -90,20 +90,3 @@ def test_safe_products_rescale_only_out_of_range():
 def test_bound_factor():
     f = _direction.bound_factor(jnp.asarray([1.0, 1.0, 0.0]), jnp.asarray([100.0, 1.0, 0.0]), 3.0)
     np.testing.assert_allclose(np.asarray(f), [0.3, 1.0, 1.0])
-
-
-def test_history_products_of_a_narrow_history_equal_the_upcast_ones():
-    """A bfloat16 history is contracted half by half; the products are those of its
-    float32 values, split into S^T q and Y^T q the same way as for a float32 history."""
-    layout = _blocks.make_layout({"a": jnp.zeros((3, 4)), "b": jnp.zeros(5)}, "leaf")
-    rng = np.random.default_rng(0)
-    hist = [jnp.asarray(rng.normal(size=(6,) + s), jnp.bfloat16) for s in ((3, 4), (5,))]
-    q = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((3, 4), (5,))]
-    sg, yg = _direction.history_products(layout, q, hist, jnp.float32)
-    sg32, yg32 = _direction.history_products(layout, q, [h.astype(jnp.float32) for h in hist],
-                                             jnp.float32)
-    assert sg.shape == yg.shape == (2, 3)
-    np.testing.assert_allclose(np.asarray(sg), np.asarray(sg32), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(yg), np.asarray(yg32), rtol=1e-6)
-    expect = np.asarray(hist[1].astype(jnp.float32))[3:] @ np.asarray(q[1])
-    np.testing.assert_allclose(np.asarray(yg[1]), expect, rtol=1e-6)
