@@ -46,18 +46,12 @@ def _in_range(x: jax.Array, acc) -> jax.Array:
     return (ax == 0) | ((ax >= jnp.sqrt(fi.tiny)) & (ax <= jnp.sqrt(fi.max)))
 
 
-def history_products(layout, q: list, hist: list, acc) -> tuple:
-    r""":math:`S^\top q` and :math:`\hat Y^\top q`, ``(B, M)`` each.
-
-    One matrix-vector product per packed array of the stacked history
-    :math:`[S; \hat Y]` (``(2M, ...)``), split in halves.
-    """
-    m = hist[0].shape[0] // 2
-    both = layout.block_dot_history(hist, q, acc)
-    return both[:, :m], both[:, m:]
+def history_products(layout, q: list, s_hist: list, y_hist: list, acc) -> tuple:
+    r""":math:`S^\top q` and :math:`\hat Y^\top q`, ``(B, M)`` each: one matrix-vector product per history."""
+    return layout.block_dot_history(s_hist, q, acc), layout.block_dot_history(y_hist, q, acc)
 
 
-def safe_products(layout, whiten, hist: list, products: tuple, acc) -> tuple:
+def safe_products(layout, whiten, s_hist: list, y_hist: list, products: tuple, acc) -> tuple:
     r"""The history products, retaken of a rescaled :math:`q` if needed.
 
     ``products`` are :math:`(S^\top q, \hat Y^\top q, q^\top q)` as taken of
@@ -85,7 +79,7 @@ def safe_products(layout, whiten, hist: list, products: tuple, acc) -> tuple:
         c = _numerics.power_of_two_near(layout.block_max_abs(q, acc))
         inv = 1.0 / c
         qc = [x * layout.broadcast(inv, j, x.ndim) for j, x in enumerate(q)]
-        return (*history_products(layout, qc, hist, acc), layout.block_dot(qc, qc, acc),
+        return (*history_products(layout, qc, s_hist, y_hist, acc), layout.block_dot(qc, qc, acc),
                 c)
 
     with jax.named_scope("rescaled_products"):
@@ -137,11 +131,11 @@ def norm_sq(gamma, coef_s, coef_y, gg, sg, yg, ss_gram, sy_gram, yy_gram) -> tup
     return dd, w.shape[1] * jnp.finfo(w.dtype).eps * bound
 
 
-def direct_norm_sq(layout, q, c, gamma, coef_s, coef_y, hist, acc) -> jax.Array:
+def direct_norm_sq(layout, q, c, gamma, coef_s, s_hist, coef_y, y_hist, acc) -> jax.Array:
     r""":math:`\|\gamma q/c + S c_s + \hat Y c_y\|^2` per block, by a pass over the vector itself."""
     inv = 1.0 / c
     qc = [x.astype(acc) * layout.broadcast(inv, j, x.ndim) for j, x in enumerate(q)]
-    d = combine(layout, qc, gamma, coef_s, coef_y, hist, acc)
+    d = combine(layout, qc, gamma, coef_s, s_hist, coef_y, y_hist, acc)
     return layout.block_dot(d, d, acc)
 
 
@@ -151,22 +145,21 @@ def bound_factor(gg, dd, bound) -> jax.Array:
     return jnp.where(jnp.isfinite(ratio), jnp.minimum(1.0, bound * ratio), 1.0)
 
 
-def combine(layout, q: list, base, coef_s, coef_y, hist: list, acc, root_d=None) -> list:
+def combine(layout, q: list, base, coef_s, s_hist: list, coef_y, y_hist: list, acc,
+            root_d=None) -> list:
     r"""The second pass: :math:`D^{1/2}(\text{base}\, q + S c_s + \hat Y c_y)` per block.
 
     For ``M <=`` :data:`MAX_UNROLLED_MEMORY` the sum over slots is unrolled
     into one elementwise expression, which XLA compiles to one fused loop that
     reads every history row once (upcasting a low-precision history inside
-    the loop); beyond it, one contraction per packed array. The rows are read
-    from the stacked history by index (a slice of it passed on would be
-    copied wherever XLA cannot fuse it).
+    the loop); beyond it, one contraction per history.
 
     Args:
       layout: the block layout.
       q: packed :math:`q`.
       base: ``(B,)`` weight of :math:`q`.
       coef_s, coef_y: ``(B, M)`` weights of the history rows, by slot.
-      hist: packed stacked histories ``(2M, ...)`` (:math:`s` rows, then :math:`\hat y`).
+      s_hist, y_hist: packed histories.
       acc: the accumulation dtype.
       root_d: packed :math:`D^{1/2}`, or None for :math:`D = I`.
 
@@ -176,14 +169,16 @@ def combine(layout, q: list, base, coef_s, coef_y, hist: list, acc, root_d=None)
     bc = layout.broadcast
     num_slots = coef_s.shape[1]
     if num_slots > MAX_UNROLLED_MEMORY:
-        dh = layout.combine_history(jnp.concatenate([coef_s, coef_y], axis=1), hist, acc)
-        d = [bc(base, j, x.ndim) * x.astype(acc) + a for j, (x, a) in enumerate(zip(q, dh))]
+        ds = layout.combine_history(coef_s, s_hist, acc)
+        dy = layout.combine_history(coef_y, y_hist, acc)
+        d = [bc(base, j, x.ndim) * x.astype(acc) + a + b
+             for j, (x, a, b) in enumerate(zip(q, ds, dy))]
     else:
         d = []
-        for j, (x, h) in enumerate(zip(q, hist)):
+        for j, (x, s, y) in enumerate(zip(q, s_hist, y_hist)):
             dj = bc(base, j, x.ndim) * x.astype(acc)
             for m in range(num_slots):
-                dj = dj + bc(coef_s[:, m], j, x.ndim) * h[m].astype(acc)
-                dj = dj + bc(coef_y[:, m], j, x.ndim) * h[num_slots + m].astype(acc)
+                dj = dj + bc(coef_s[:, m], j, x.ndim) * s[m].astype(acc)
+                dj = dj + bc(coef_y[:, m], j, x.ndim) * y[m].astype(acc)
             d.append(dj)
     return d if root_d is None else [x * r for x, r in zip(d, root_d)]

@@ -321,12 +321,12 @@ def state_partition_specs(opt_state: Any, axis_name: Optional[str] = None,
       >>> opt = mlbfgs_optax.mlbfgs(0.1, blocks=mlbfgs_optax.EqualSlices(8))
       >>> specs = mlbfgs_optax.state_partition_specs(
       ...     jax.eval_shape(opt.init, jnp.zeros(64)), "data")
-      >>> specs[0].history == [P(None, "data")]
+      >>> specs[0].s_history == [P(None, "data")]
       True
       >>> opt = mlbfgs_optax.mlbfgs(0.1)
       >>> state = jax.eval_shape(opt.init, {"w": jnp.zeros((8, 4))})
       >>> specs = mlbfgs_optax.state_partition_specs(state, params_specs={"w": P("x")})
-      >>> specs[0].grads_avg, specs[0].history
+      >>> specs[0].grads_avg, specs[0].s_history
       ({'w': P('x',)}, {'w': P(None, 'x')})
     """
     is_state = lambda x: isinstance(x, ScaleByMLBFGSState)

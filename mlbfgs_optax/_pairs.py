@@ -75,23 +75,21 @@ def above_roundoff(layout, s, st: ScaleByMLBFGSState, bias_correction: bool, fac
     return layout.block_max_abs(s, acc) > floor
 
 
-def with_pair_momentum(layout, s, y, hist, newest, num_pairs, pair_momentum, acc):
+def with_pair_momentum(layout, s, y, s_hist, y_hist, newest, num_pairs, pair_momentum, acc):
     r""":math:`s \leftarrow (1-m_2)s + m_2 s_{\rm prev}`, same for :math:`y`, per block.
 
-    :math:`(s_{\rm prev}, \hat y_{\rm prev})` is the newest stored pair (rows
-    ``newest`` and ``M + newest`` of the stacked ``hist``); a block with an
-    empty history keeps its raw pair.
+    :math:`(s_{\rm prev}, \hat y_{\rm prev})` is the newest stored pair; a block
+    with an empty history keeps its raw pair.
     """
     m2 = jnp.where(num_pairs > 0, jnp.asarray(pair_momentum, acc), 0.0).astype(acc)
     bc = layout.broadcast
-    m = hist[0].shape[0] // 2
 
-    def mix(vs, offset):
-        prev = [layout.gather_slot(h, newest + offset, j) for j, h in enumerate(hist)]
+    def mix(vs, hist):
+        prev = [layout.gather_slot(h, newest, j) for j, h in enumerate(hist)]
         return [(1 - bc(m2, j, x.ndim)) * x + bc(m2, j, x.ndim) * p.astype(acc)
                 for j, (x, p) in enumerate(zip(vs, prev))]
 
-    return mix(s, 0), mix(y, m)
+    return mix(s, s_hist), mix(y, y_hist)
 
 
 class Damped(NamedTuple):
@@ -166,11 +164,11 @@ def products(layout, s, y_hat, acc) -> Products:
     return Products(ss, sy, yy, finite)
 
 
-def gram_rows(layout, hist, slot, q, acc) -> tuple:
-    r"""The products of the pair stored in ``slot`` with every slot of the history, in one pass.
+def gram_rows(layout, s_hist, y_hist, slot, q, acc) -> tuple:
+    r"""The products of the pair stored in ``slot`` with every slot of the history, one pass each.
 
-    One matrix product per packed array of the stacked history,
-    :math:`[S; \hat Y]^\top [s, \hat y, q]`, gives the rows of all three Gram
+    One matrix product per history, :math:`S^\top [s, \hat y, q]` and
+    :math:`\hat Y^\top [s, \hat y, q]`, gives the rows of all three Gram
     matrices and :math:`S^\top q`, :math:`\hat Y^\top q` for the step's
     direction (:mod:`mlbfgs_optax._direction`), so that a pair step reads the
     history as often as an ordinary one. The update takes them of the history
@@ -180,7 +178,7 @@ def gram_rows(layout, hist, slot, q, acc) -> tuple:
 
     Args:
       layout: the block layout.
-      hist: packed stacked histories, ``(2M, ...)`` (:math:`s` rows, then :math:`\hat y`).
+      s_hist, y_hist: packed histories.
       slot: ``(B,)`` ring-buffer slot of the pair in the histories.
       q: the packed vector of the step's direction, or None.
       acc: the accumulation dtype.
@@ -190,11 +188,10 @@ def gram_rows(layout, hist, slot, q, acc) -> tuple:
       (:math:`S^\top s`, :math:`S^\top \hat y`, :math:`\hat Y^\top s`,
       :math:`\hat Y^\top \hat y`), and ``(S^T q, Y^T q)``, or None without ``q``.
     """
-    m = hist[0].shape[0] // 2
-    pair = lambda offset: [layout.gather_slot(x, slot + offset, j) for j, x in enumerate(hist)]
-    vs = [pair(0), pair(m)] + ([q] if q is not None else [])
-    on = layout.block_dot_history_many(hist, vs, acc)  # (B, 2M, K)
-    on_s, on_y = on[:, :m], on[:, m:]
+    pair = lambda hist: [layout.gather_slot(x, slot, j) for j, x in enumerate(hist)]
+    vs = [pair(s_hist), pair(y_hist)] + ([q] if q is not None else [])
+    on_s = layout.block_dot_history_many(s_hist, vs, acc)  # (B, M, K)
+    on_y = layout.block_dot_history_many(y_hist, vs, acc)
     rows = (on_s[..., 0], on_s[..., 1], on_y[..., 0], on_y[..., 1])
     return rows, ((on_s[..., 2], on_y[..., 2]) if q is not None else None)
 
@@ -221,16 +218,18 @@ def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok,
     the metric's coordinates), the newest slot and the pair count (the Gram
     matrices are written by :func:`store_gram_rows`).
     """
-    hist = _state.from_tree(layout, st.history)
-    m = st.rho.shape[1]
-    hist = [layout.scatter_slot(layout.scatter_slot(h, v, slot, ok, j), w, slot + m, ok, j)
-            for j, (h, v, w) in enumerate(zip(hist, s, y_hat))]
+    s_hist = _state.from_tree(layout, st.s_history)
+    y_hist = _state.from_tree(layout, st.y_history)
+    s_hist = [layout.scatter_slot(h, v, slot, ok, j) for j, (h, v) in enumerate(zip(s_hist, s))]
+    y_hist = [layout.scatter_slot(h, v, slot, ok, j)
+              for j, (h, v) in enumerate(zip(y_hist, y_hat))]
     blocks_idx = jnp.arange(layout.num_blocks)
     old_rho = st.rho[blocks_idx, slot]
     rho = st.rho.at[blocks_idx, slot].set(jnp.where(ok, _numerics.safe_div(1.0, p.sy), old_rho))
 
     return st._replace(
-        history=_state.to_tree(layout, hist),
+        s_history=_state.to_tree(layout, s_hist),
+        y_history=_state.to_tree(layout, y_hist),
         rho=rho,
         gamma=(jnp.where(ok, _numerics.safe_div(p.sy, p.yy, 1.0), st.gamma) if update_gamma
                else st.gamma),
@@ -241,7 +240,7 @@ def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok,
 
 def written_fields(refresh_grad_average: bool) -> tuple[str, ...]:
     """The state fields :func:`form_pair` writes; it only reads the others."""
-    return (("history", "rho", "gamma", "sy_gram", "yy_gram", "ss_gram", "newest",
+    return (("s_history", "y_history", "rho", "gamma", "sy_gram", "yy_gram", "ss_gram", "newest",
              "num_pairs", "num_skipped", "mu", "mu_damped", "tau", "avg_weights",
              "params_snapshot", "grads_snapshot")
             + (("grads_avg",) if refresh_grad_average else ()))
@@ -266,8 +265,8 @@ def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     """:func:`pair_step`, Gram rows included: the new state."""
     new, stored = pair_step(layout, opts, h, dt, g, t, st, root_d, inv_lr)
     if opts.cache_gram:
-        rows, _ = gram_rows(layout, _state.from_tree(layout, new.history), new.newest, None,
-                            dt.acc)
+        rows, _ = gram_rows(layout, _state.from_tree(layout, new.s_history),
+                            _state.from_tree(layout, new.y_history), new.newest, None, dt.acc)
         new = store_gram_rows(layout, new, rows, new.newest, stored)
     return new
 
@@ -293,6 +292,8 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
       stored (in slot ``state.newest``).
     """
     acc = dt.acc
+    s_hist = _state.from_tree(layout, st.s_history)
+    y_hist = _state.from_tree(layout, st.y_history)
     s, y = candidate(layout, st, opts.bias_correction, acc)
     if hvp is not None:
         y = [x.astype(acc) for x in hvp(s)]
@@ -303,8 +304,7 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     if root_d is not None:
         s, y = _metric.whiten_pair(s, y, root_d, inv_lr)
     if not opts.pair_momentum_off:
-        s, y = with_pair_momentum(layout, s, y, _state.from_tree(layout, st.history),
-                                  st.newest, st.num_pairs,
+        s, y = with_pair_momentum(layout, s, y, s_hist, y_hist, st.newest, st.num_pairs,
                                   h.pair_momentum, acc)
     damped = damp(layout, s, y, h, not opts.yy_bound_off, acc)
     # The pair as it will be stored, in the history dtype.

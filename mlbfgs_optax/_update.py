@@ -96,8 +96,8 @@ def averages(layout, state: ScaleByMLBFGSState, g, theta, beta, finite, dt) -> S
 
 def direction(layout, g, st: ScaleByMLBFGSState, cache_gram: bool) -> list:
     """Step 3: :math:`d_b = H_b g_b` for every block (packed, accumulation dtype)."""
-    history = (layout, g, *_state.split_history(_state.from_tree(layout, st.history)),
-               st.rho, st.gamma, st.newest)
+    history = (layout, g, _state.from_tree(layout, st.s_history),
+               _state.from_tree(layout, st.y_history), st.rho, st.gamma, st.newest)
     if cache_gram:
         return _two_loop.blockwise_two_loop_gram(*history, st.sy_gram, st.yy_gram)
     return _two_loop.blockwise_two_loop(*history)
@@ -174,8 +174,9 @@ def fused_direction(layout, opts: Options, h: Hyperparams, whiten, products,
     every pass that needs :math:`q` calls it, so that XLA computes :math:`q`
     inside that pass instead of storing it.
     """
-    hist = _state.from_tree(layout, st.history)
-    sg, yg, gg, c = _direction.safe_products(layout, whiten, hist, products, acc)
+    s_hist = _state.from_tree(layout, st.s_history)
+    y_hist = _state.from_tree(layout, st.y_history)
+    sg, yg, gg, c = _direction.safe_products(layout, whiten, s_hist, y_hist, products, acc)
     coef_s, coef_y = _two_loop.gram_coefficients(sg, yg, st.rho, st.gamma, st.newest,
                                                  st.sy_gram, st.yy_gram, acc)
     gam = st.gamma.astype(acc)
@@ -187,11 +188,11 @@ def fused_direction(layout, opts: Options, h: Hyperparams, whiten, products,
         unsure = jnp.any(jnp.abs(dd - jnp.square(h.step_bound) * gg) <= err)
         with jax.named_scope("direct_norm"):
             dd = jax.lax.cond(unsure, lambda: _direction.direct_norm_sq(
-                layout, whiten()[0], c, gam, coef_s, coef_y, hist, acc), lambda: dd)
+                layout, whiten()[0], c, gam, coef_s, s_hist, coef_y, y_hist, acc), lambda: dd)
         kappa = _direction.bound_factor(gg, dd, h.step_bound)
     w = (kappa * c)[:, None]
     q, root_d = whiten()
-    return _direction.combine(layout, q, kappa * gam, w * coef_s, w * coef_y, hist,
+    return _direction.combine(layout, q, kappa * gam, w * coef_s, s_hist, w * coef_y, y_hist,
                               acc, root_d)
 
 
@@ -239,13 +240,14 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
         # product and updates in place), one matrix product per history: on a pair step
         # against [s_new, y_new, q] (the new Gram rows and the direction's products), on
         # an ordinary step against q alone.
-        hist = _state.from_tree(layout, new.history)
+        s_hist = _state.from_tree(layout, new.s_history)
+        y_hist = _state.from_tree(layout, new.y_history)
         zeros = jnp.zeros_like(state.rho, dtype=dt.acc)
 
         @jax.named_scope("pair_products")
         def with_pair():
             q = whiten()[0] if fused else None
-            rows, qs = _pairs.gram_rows(layout, hist, new.newest, q, dt.acc)
+            rows, qs = _pairs.gram_rows(layout, s_hist, y_hist, new.newest, q, dt.acc)
             return rows, ((*qs, layout.block_dot(q, q, dt.acc)) if fused else None)
 
         @jax.named_scope("ordinary_products")
@@ -253,7 +255,7 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
             products = None
             if fused:
                 q = whiten()[0]
-                products = (*_direction.history_products(layout, q, hist, dt.acc),
+                products = (*_direction.history_products(layout, q, s_hist, y_hist, dt.acc),
                             layout.block_dot(q, q, dt.acc))
             return (zeros,) * 4, products
 

@@ -46,12 +46,11 @@ def test_coefficients_and_combine_equal_scan_two_loop(memory, blocks):
     q = [jnp.asarray(g).reshape(packed)]
     rho_b, gamma, newest_b = jnp.asarray(rho)[None], jnp.asarray([0.7]), jnp.asarray([newest])
     ref = _two_loop.blockwise_two_loop(layout, q, s_hist, y_hist, rho_b, gamma, newest_b)
-    stacked = [jnp.concatenate([a, b]) for a, b in zip(s_hist, y_hist)]
-    sg, yg = _direction.history_products(layout, q, stacked, jnp.float64)
+    sg, yg = _direction.history_products(layout, q, s_hist, y_hist, jnp.float64)
     sy_gram, yy_gram = jnp.asarray(s @ y.T)[None], jnp.asarray(y @ y.T)[None]
     cs, cy = _two_loop.gram_coefficients(sg, yg, rho_b, gamma, newest_b, sy_gram, yy_gram,
                                          jnp.float64)
-    d = _direction.combine(layout, q, gamma, cs, cy, stacked, jnp.float64)
+    d = _direction.combine(layout, q, gamma, cs, s_hist, cy, y_hist, jnp.float64)
     np.testing.assert_allclose(np.asarray(d[0]), np.asarray(ref[0]), rtol=1e-10, atol=1e-12)
     # The norm from the Gram matrices is the norm of d, and its error bound holds.
     gg = jnp.asarray([g @ g])
@@ -66,19 +65,20 @@ def test_safe_products_rescale_only_out_of_range():
     """q^T q in range: the products as taken and c = 1; q of 1e200 (q^T q overflows): retaken
     of q / c with c a power of two near max|q|, and the direction's coefficients scale back."""
     layout = _blocks.make_layout(jnp.zeros(4), "all")
-    hist = [jnp.asarray([[1.0, 2.0, 0.0, 1.0], [2.0, 1.0, 1.0, 0.0]])]  # [S; Y], M = 1
+    s_hist = [jnp.asarray([[1.0, 2.0, 0.0, 1.0]])]
+    y_hist = [jnp.asarray([[2.0, 1.0, 1.0, 0.0]])]
     whiten = lambda q: (lambda: ([q], None))
     q = jnp.asarray([1.0, -1.0, 0.5, 2.0])
-    products = (*_direction.history_products(layout, [q], hist, jnp.float64),
+    products = (*_direction.history_products(layout, [q], s_hist, y_hist, jnp.float64),
                 layout.block_dot([q], [q], jnp.float64))
-    sg, yg, gg, c = _direction.safe_products(layout, whiten(q), hist, products,
+    sg, yg, gg, c = _direction.safe_products(layout, whiten(q), s_hist, y_hist, products,
                                              jnp.float64)
     assert float(c[0]) == 1.0 and float(gg[0]) == float(q @ q)
     big = q * 1e200
-    products = (*_direction.history_products(layout, [big], hist, jnp.float64),
+    products = (*_direction.history_products(layout, [big], s_hist, y_hist, jnp.float64),
                 layout.block_dot([big], [big], jnp.float64))
     assert not np.isfinite(float(products[2][0]))
-    sg2, yg2, gg2, c2 = _direction.safe_products(layout, whiten(big), hist, products,
+    sg2, yg2, gg2, c2 = _direction.safe_products(layout, whiten(big), s_hist, y_hist, products,
                                                  jnp.float64)
     r = 1e200 / float(c2[0])  # q / c = r * q, with c a power of two near max|q|
     assert 0.25 <= r <= 1.0 and np.log2(float(c2[0])) == round(np.log2(float(c2[0])))

@@ -127,7 +127,7 @@ def test_two_processes_fsdp_params_with_leaf_blocks_match_single_device(tmp_path
     n_dev = NUM_PROCESSES * DEVICES_PER_PROCESS
     assert bool(result["history_spec_ok"])
     m = worker.OPT_KW["memory_size"]
-    assert result["history_local_shape"].tolist() == [2 * m, worker.IN // n_dev, worker.OUT]
+    assert result["history_local_shape"].tolist() == [m, worker.IN // n_dev, worker.OUT]
     assert result["num_pairs"].tolist() == [m, m]
     ref, ref_pairs = _single_device(num_blocks=None)
     assert ref_pairs.tolist() == result["num_pairs"].tolist()
