@@ -48,6 +48,7 @@ def scale_by_mlbfgs(
     roundoff_rejection: Optional[float] = 100.0,
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
     curvature: str = "gradient_difference",
+    pair_warmup: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by a block-wise, momentum-based L-BFGS (mL-BFGS).
 
@@ -186,6 +187,12 @@ def scale_by_mlbfgs(
         :math:`H_0 = D` is the step the chain takes before scaling; without it
         :math:`\eta = 1`. Ignored with ``metric="identity"``.
         :func:`~mlbfgs_optax.mlbfgs` passes its own.
+      pair_warmup: no pair is stored before this many calls; None (default):
+        one averaging horizon, :math:`1/(1-\beta)` calls (100 at
+        :math:`\beta = 0.99`), so that the first pairs are not chords of the
+        initial transient that the averages still span; until then the step
+        is :math:`D g` (RMSprop's). 0: pairs from the first pair step on (the
+        paper). Measured in ``examples/benchmarks/research/issue10_hvp.md``.
       curvature: how a pair's :math:`y` is measured. ``"gradient_difference"``
         (default, the paper): the change of the gradient average,
         :math:`y = M^g - M^g_{\rm snap}`. ``"hessian_vector"``:
@@ -279,6 +286,7 @@ def mlbfgs(
     step_bound: Optional[float] = 3.0,
     roundoff_rejection: Optional[float] = 100.0,
     curvature: str = "gradient_difference",
+    pair_warmup: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The mL-BFGS optimizer: weight decay, mL-BFGS direction, momentum, step.
 

@@ -71,6 +71,9 @@ class Hyperparams(NamedTuple):
       roundoff_rejection: :math:`c` of the round-off test, or None (off).
       learning_rate: :math:`\eta` when a number (pairs in direction units), or
         None (a schedule lives in :attr:`Options.lr_schedule`, or no rate).
+      pair_warmup: calls before the first pair may be stored, or None for
+        one averaging horizon, :math:`1/(1-\beta)` (0: from the first pair
+        step on, as in the paper).
     """
 
     update_period: Any
@@ -86,6 +89,7 @@ class Hyperparams(NamedTuple):
     step_bound: Any
     roundoff_rejection: Any
     learning_rate: Any
+    pair_warmup: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +167,7 @@ def make_options(
     roundoff_rejection,
     learning_rate,
     curvature="gradient_difference",
+    pair_warmup=None,
 ) -> tuple[Options, Hyperparams]:
     """Validates every argument of ``scale_by_mlbfgs`` and splits them.
 
@@ -213,6 +218,9 @@ def make_options(
             f"scale_by_mlbfgs: blocks={blocks!r} is invalid; expected 'leaf', 'all', an "
             "EqualSlices, a label pytree or a callable params -> labels."
         )
+    if pair_warmup is not None:
+        check("pair_warmup", pair_warmup, lambda v: v >= 0 and math.isfinite(v),
+              "a finite number >= 0, or None (1 / (1 - beta))")
     if curvature not in ("gradient_difference", "hessian_vector"):
         raise ValueError(
             f"scale_by_mlbfgs: curvature={curvature!r} is invalid; expected "
@@ -258,6 +266,7 @@ def make_options(
         step_bound=step_bound,
         roundoff_rejection=roundoff_rejection,
         learning_rate=None if callable(learning_rate) else learning_rate,
+        pair_warmup=pair_warmup,
     )
     return options, hyper
 

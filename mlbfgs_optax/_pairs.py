@@ -280,7 +280,8 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     this call's packed :math:`D^{1/2}` and ``inv_lr`` is :math:`1/\eta_t`: the
     pair is whitened (:func:`mlbfgs_optax._metric.whiten_pair`) before the pair
     momentum, the damping and the guard, which then work in the whitened
-    coordinates. A pair at round-off level (:func:`above_roundoff`) is rejected.
+    coordinates. A pair at round-off level (:func:`above_roundoff`) is rejected,
+    and so is every pair before call ``h.pair_warmup`` (None: :math:`1/(1-\beta)`).
     With ``hvp`` (packed :math:`v \mapsto \nabla^2 f\, v` on the caller's batch)
     the pair's :math:`y` is :math:`\nabla^2 f\, s` instead of the change of
     the gradient average (``curvature="hessian_vector"``).
@@ -312,7 +313,8 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     y_st = [x.astype(d) for x, d in zip(damped.y_hat, dt.history)]
     slot = (st.newest + 1) % opts.memory_size
     prod = products(layout, s_st, y_st, acc)
-    has_snapshot = t >= h.update_period
+    warmup = 1.0 / (1.0 - h.beta) if h.pair_warmup is None else h.pair_warmup
+    has_snapshot = (t >= h.update_period) & (t >= warmup)
     ok = accept(prod, has_snapshot, h.curvature_eps, acc) & not_roundoff
     new = store(layout, st, s_st, y_st, prod, slot, ok, update_gamma=root_d is None)
 

@@ -22,7 +22,7 @@ from mlbfgs_optax import _mlbfgs
 #: every extension of the library off, so that
 #: ``scale_by_mlbfgs(**paper_defaults, memory_size=..., update_period=..., ...)``
 #: is the spec's algorithm: :math:`H_0 = \gamma I`, pairs in parameter units,
-#: no bias correction, no step bound, no round-off rejection, damping of the
+#: no bias correction, no step bound, no round-off rejection, no pair warm-up, damping of the
 #: curvature along :math:`s` only; :math:`\sigma_L, \sigma_H = 0.5, 1.5` (the
 #: library's earlier defaults for this algorithm; the authors use 0.01, 1.5).
 #: A read-only mapping.
@@ -34,6 +34,7 @@ paper_defaults = types.MappingProxyType({
     "sigma_yy": math.inf,
     "sigma_low": 0.5,
     "sigma_high": 1.5,
+    "pair_warmup": 0,
 })
 
 

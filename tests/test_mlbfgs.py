@@ -503,3 +503,22 @@ def test_hessian_vector_pairs_through_inject_hyperparams_and_multisteps():
             q = optax.apply_updates(q, u)
         assert int(inner(state).num_pairs[0]) >= 1
         assert float(f(q)) < float(f(p))
+
+
+@pytest.mark.parametrize("pair_warmup,beta,first", [(None, 0.9, 14), (None, 0.5, 9),
+                                                    (0, 0.9, 9), (25, 0.5, 29)])
+def test_pair_warmup_delays_the_first_stored_pair(pair_warmup, beta, first):
+    """No pair before call ``pair_warmup`` (None: 1 / (1 - beta)); T = 5, so pair steps
+    are calls 4, 9, 14, ... and the first is only a snapshot."""
+    f = lambda x: jnp.sum(jnp.array([1.0, 3.0]) * (x - 1.0) ** 2)
+    tx = mlbfgs_optax.scale_by_mlbfgs(update_period=5, beta=beta, pair_warmup=pair_warmup,
+                                      learning_rate=0.1)
+    x = jnp.zeros(2)
+    state = tx.init(x)
+    stored_at = None
+    for t in range(35):
+        d, state = tx.update(jax.grad(f)(x), state, x)
+        x = x - 0.1 * d
+        if stored_at is None and int(state.num_pairs[0]) > 0:
+            stored_at = t
+    assert stored_at == first

@@ -35,6 +35,7 @@ _BAD_SCALE = [
     ("step_bound", 0.0), ("step_bound", -1.0), ("step_bound", _INF), ("step_bound", _NAN),
     ("roundoff_rejection", -1.0), ("roundoff_rejection", _INF),
     ("curvature", "hessian"), ("curvature", None),
+    ("pair_warmup", -1.0), ("pair_warmup", _INF), ("pair_warmup", _NAN),
 ]
 
 
@@ -86,6 +87,7 @@ def test_paper_defaults_is_read_only_and_switches_every_extension_off():
         **mlbfgs_optax.paper_defaults})
     assert opts.metric == "identity" and opts.step_bound_off and opts.roundoff_off
     assert opts.yy_bound_off and not opts.bias_correction
+    assert mlbfgs_optax.paper_defaults["pair_warmup"] == 0
 
 
 def test_valid_edge_arguments_are_accepted():

@@ -61,7 +61,8 @@ _SIG_DEFAULTS = {k: v.default for k, v in inspect.signature(mlbfgs_optax.mlbfgs)
 LIB_DEFAULTS = {k: _SIG_DEFAULTS[k] for k in (
     "memory_size", "update_period", "beta", "sigma_low", "sigma_high", "tau_max",
     "pair_momentum", "refresh_grad_average", "normalize", "blocks", "sigma_yy",
-    "bias_correction", "metric", "step_bound", "roundoff_rejection", "momentum")}
+    "bias_correction", "metric", "step_bound", "roundoff_rejection", "momentum",
+    "pair_warmup")}
 MLBFGS_DEFAULTS: dict = {}  # overrides of the library defaults for mlbfgs_default: none
 # The library's defaults before issue 10: the paper's algorithm (H0 = gamma I, pairs in
 # parameter units) with bias correction and the sigma_yy bound, sigma 0.5/1.5, no momentum.
@@ -131,7 +132,8 @@ def _fmt_defaults():
     return (f"metric {d['metric']}, beta {d['beta']:g}, T {d['update_period']}, "
             f"M {d['memory_size']}, sigma {d['sigma_low']:g}/{d['sigma_high']:g}, sigma_yy "
             f"{yy}, step bound {d['step_bound']}, round-off rejection "
-            f"{d['roundoff_rejection']}, momentum {d['momentum']} (EMA), {d['blocks']} blocks")
+            f"{d['roundoff_rejection']}, momentum {d['momentum']} (EMA), {d['blocks']} blocks, "
+            f"pair warm-up {'1/(1-beta)' if d['pair_warmup'] is None else d['pair_warmup']})")
 
 
 AUTHORS_WORDS = mlbfgs_words(M, 50, momentum=True, weight_decay=True, pair_momentum=True,
@@ -173,6 +175,10 @@ SPECS = (
             "curvature is below 0.1 of the metric's on the networks: the bound clamps them all)",
             _mlbfgs(**MLBFGS_DEFAULTS, sigma_low=0.01), ADAM_GRID, (1e-3, 1e-2),
             _words_default(), DEFAULT_FORMULA, research=True),
+    OptSpec("mlbfgs_no_pairs_grid", "defaults without pairs (update_period 10^9) on their own "
+            "lr grid (the ablation abl_no_pairs reuses the defaults' lr and runs on the cheap "
+            "tasks only)", _mlbfgs(**MLBFGS_DEFAULTS, update_period=10 ** 9), ADAM_GRID,
+            (1e-3, 1e-2), _words_default(), DEFAULT_FORMULA, research=True),
     OptSpec("mlbfgs_paper", "mlbfgs, the defaults before issue 10: paper_defaults + bias "
             "correction + sigma_yy 10*sigma_high, no momentum (H0 = gamma I, lr in SGD units)",
             _mlbfgs(**MLBFGS_PAPER), PAPER_GRID, (0.01, 0.1), mlbfgs_words(M, 10),
@@ -188,6 +194,8 @@ SPECS = (
     # Ablations of the defaults, one change each, run at mlbfgs_default's best lr.
     _ablation("abl_no_pairs", "no curvature pairs (update_period 10^9): the same chain with "
               "H = D, i.e. bias-corrected RMSprop + debiased EMA momentum 0.9 (an Adam variant)", update_period=10 ** 9),
+    _ablation("abl_no_pair_warmup", "pair_warmup=0 (pairs from the first pair step on, the "
+              "defaults before this change)", pair_warmup=0),
     _ablation("abl_no_step_bound", "step_bound=None", step_bound=None),
     _ablation("abl_sigma_0.5_1.5", "sigma_low, sigma_high = 0.5, 1.5 (the old bounds)",
               sigma_low=0.5, sigma_high=1.5),
