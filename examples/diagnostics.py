@@ -41,8 +41,8 @@ def parse_args(argv=None):
     p = common.make_parser(
         __doc__, steps=1500, lr=1e-2, out="mlbfgs_diagnostics.png",
         mlbfgs=("--update-period", "--beta", "--sigma-low", "--sigma-high"),
-        quick="tiny run for tests: 60 steps, no plot unless --out")
-    return common.parse_args(p, argv, steps=60, num_samples=2000)
+        quick="tiny run for tests: 130 steps (past the pair warm-up), no plot unless --out")
+    return common.parse_args(p, argv, steps=130, num_samples=2000)
 
 
 def plot(log, names, args):

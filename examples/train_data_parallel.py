@@ -47,12 +47,13 @@ def parse_args(argv=None):
         __doc__, steps=2000, batch_size=256,
         batch_help="global batch size (a multiple of the device count)", num_samples=10000,
         lr=1e-2, mlbfgs=("--sigma-low", "--update-period", "--memory-size", "--beta"),
-        quick="tiny run for tests: 60 steps on 2000 samples, hidden width 64")
+        quick="tiny run for tests: 130 steps (past the pair warm-up) on 2000 samples, "
+              "hidden width 64")
     p.add_argument("--hidden", type=int, default=256, help="width of the two hidden layers")
     p.add_argument("--blocks-per-device", type=int, default=2,
                    help="k: EqualSlices(k * n_devices) curvature blocks")
     p.add_argument("--eval-every", type=int, default=250, help="steps between test evaluations")
-    return common.parse_args(p, argv, steps=60, num_samples=2000, hidden=64, eval_every=30)
+    return common.parse_args(p, argv, steps=130, num_samples=2000, hidden=64, eval_every=65)
 
 
 def main(argv=None):

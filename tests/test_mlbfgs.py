@@ -254,7 +254,7 @@ def test_chain_multisteps_and_extra_args():
 
 def test_inject_hyperparams():
     tx = optax.inject_hyperparams(mlbfgs_optax.mlbfgs, static_args=("memory_size",))(
-        learning_rate=0.1, memory_size=5, beta=0.9, update_period=2)
+        learning_rate=0.1, memory_size=5, beta=0.9, update_period=2, pair_warmup=0)
     params = jnp.ones(3)
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -407,7 +407,8 @@ def test_bias_correction_makes_pairs_exact_on_quadratics(bias_correction):
     a = jnp.array([0.5, 1.0, 4.0])
     b = jnp.array([1.0, -2.0, 3.0])
     tx = mlbfgs_optax.scale_by_mlbfgs(update_period=3, beta=0.9, memory_size=3,
-                                      bias_correction=bias_correction, **NO_DAMPING)
+                                      bias_correction=bias_correction, pair_warmup=0,
+                                      **NO_DAMPING)
     theta = jnp.array([1.0, 1.0, 1.0])
     state = tx.init(theta)
     for _ in range(12):
@@ -491,9 +492,9 @@ def test_hessian_vector_pairs_through_inject_hyperparams_and_multisteps():
     f = lambda p: jnp.sum(jnp.array([1.0, 10.0]) * p ** 2)
     p = jnp.ones(2)
     inject = optax.inject_hyperparams(mlbfgs_optax.mlbfgs, static_args=("memory_size",))(
-        learning_rate=0.01, curvature="hessian_vector", update_period=2)
+        learning_rate=0.01, curvature="hessian_vector", update_period=2, pair_warmup=0)
     multi = optax.MultiSteps(mlbfgs_optax.mlbfgs(0.01, curvature="hessian_vector",
-                                                 update_period=2), 2)
+                                                 update_period=2, pair_warmup=0), 2)
     for tx, inner in ((inject, lambda s: s.inner_state[0]),
                       (multi, lambda s: s.inner_opt_state[0])):
         step = jax.jit(lambda g, s, q, tx=tx: tx.update(g, s, q, grad_fn=jax.grad(f)))
