@@ -35,6 +35,13 @@ def check(name: str, value: Any, ok, expected: str, where: str = "scale_by_mlbfg
         raise ValueError(f"{where}: {name}={value!r} is invalid; expected {expected}.")
 
 
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raises a ValueError naming the argument when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"scale_by_mlbfgs: {name}={value!r} is invalid; expected "
+                         + " or ".join(repr(c) for c in choices) + ".")
+
+
 def _dtype(name: str, dtype) -> Optional[jnp.dtype]:
     if dtype is None:
         return None
@@ -198,10 +205,7 @@ def make_options(
     if curvature_eps is not None:
         check("curvature_eps", curvature_eps, lambda e: e >= 0.0 and math.isfinite(e),
               "a finite float >= 0")
-    if metric not in ("adam", "identity"):
-        raise ValueError(
-            f"scale_by_mlbfgs: metric={metric!r} is invalid; expected 'adam' or 'identity'."
-        )
+    check_choice("metric", metric, ("adam", "identity"))
     check("metric_decay", metric_decay, lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
     check("metric_eps", metric_eps, lambda e: 0.0 < e < math.inf, "a finite float > 0")
     if step_bound is not None:
@@ -221,11 +225,7 @@ def make_options(
     if pair_warmup is not None:
         check("pair_warmup", pair_warmup, lambda v: v >= 0 and math.isfinite(v),
               "a finite number >= 0, or None (1 / (1 - beta))")
-    if curvature not in ("gradient_difference", "hessian_vector"):
-        raise ValueError(
-            f"scale_by_mlbfgs: curvature={curvature!r} is invalid; expected "
-            "'gradient_difference' or 'hessian_vector'."
-        )
+    check_choice("curvature", curvature, ("gradient_difference", "hessian_vector"))
     if curvature == "hessian_vector" and (axis_name is not None or mesh is not None):
         raise ValueError(
             "scale_by_mlbfgs: curvature='hessian_vector' runs on one device or under GSPMD "
