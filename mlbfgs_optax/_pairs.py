@@ -196,17 +196,18 @@ def gram_rows(layout, s_hist, y_hist, slot, q, acc) -> tuple:
     return rows, ((on_s[..., 2], on_y[..., 2]) if q is not None else None)
 
 
-def accept(p: Products, has_snapshot, curvature_eps, acc) -> jax.Array:
+def accept(p: Products, may_store, curvature_eps, acc) -> jax.Array:
     r"""The guard: store a pair only if finite with :math:`s^\top\hat y > \epsilon s^\top s`.
 
     Also :math:`\hat y \ne 0`, and :math:`\rho = 1/s^\top\hat y` must be a
     normal number (a flushed :math:`\rho` would read as an empty slot while the
-    pair is counted). ``curvature_eps`` None means the machine epsilon of
+    pair is counted). ``may_store``: the call is past the first snapshot and
+    the pair warm-up. ``curvature_eps`` None means the machine epsilon of
     ``acc``.
     """
     eps = jnp.finfo(acc).eps if curvature_eps is None else curvature_eps
     rho_ok = p.sy < 1.0 / jnp.finfo(acc).tiny
-    return has_snapshot & p.finite & (p.sy > eps * p.ss) & (p.yy > 0) & rho_ok
+    return may_store & p.finite & (p.sy > eps * p.ss) & (p.yy > 0) & rho_ok
 
 
 def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok,
@@ -314,8 +315,8 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     slot = (st.newest + 1) % opts.memory_size
     prod = products(layout, s_st, y_st, acc)
     warmup = 1.0 / (1.0 - h.beta) if h.pair_warmup is None else h.pair_warmup
-    has_snapshot = (t >= h.update_period) & (t >= warmup)
-    ok = accept(prod, has_snapshot, h.curvature_eps, acc) & not_roundoff
+    may_store = (t >= h.update_period) & (t >= warmup)  # a snapshot exists, warm-up over
+    ok = accept(prod, may_store, h.curvature_eps, acc) & not_roundoff
     new = store(layout, st, s_st, y_st, prod, slot, ok, update_gamma=root_d is None)
 
     weights = st.avg_weights.at[2:].set(st.avg_weights[:2])  # snapshot weights
@@ -325,14 +326,14 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
         grads_avg = _state.to_tree(layout, [
             ((1 - h.beta) * x.astype(acc)).astype(d) for x, d in zip(g, dt.averages)])
     # Diagnostics describe the last candidate whose numbers were finite.
-    stats_ok = has_snapshot & prod.finite & jnp.isfinite(damped.mu) & jnp.isfinite(damped.tau)
+    stats_ok = may_store & prod.finite & jnp.isfinite(damped.mu) & jnp.isfinite(damped.tau)
     keep = lambda new_value, old: jnp.where(stats_ok, new_value, old)
     return new._replace(
         grads_avg=grads_avg,
         avg_weights=weights,
         params_snapshot=st.params_avg,
         grads_snapshot=st.grads_avg,
-        num_skipped=st.num_skipped + (has_snapshot & ~ok).astype(jnp.int32),
+        num_skipped=st.num_skipped + (may_store & ~ok).astype(jnp.int32),
         mu=keep(damped.mu, st.mu),
         mu_damped=keep(_numerics.safe_div(prod.sy, prod.ss), st.mu_damped),
         tau=keep(damped.tau, st.tau),

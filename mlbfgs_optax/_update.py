@@ -277,10 +277,9 @@ def hessian_vector(layout, grad_fn, params):
     current batch; the product is :func:`jax.jvp` of it along the unpacked
     ``v`` (about the cost of two gradients).
     """
-    dtypes = [x.dtype for x in jax.tree.leaves(params)]
 
     def hvp(v):
-        tangent = layout.unpack(v, dtypes=dtypes)
+        tangent = layout.unpack(v)  # in the params' dtypes, as jax.jvp requires
         return layout.pack(jax.jvp(grad_fn, (params,), (tangent,))[1])
 
     return hvp

@@ -33,6 +33,12 @@ def cosine(lr, total_steps):
     return lambda count: lr * base(count)
 
 
+def batch_grad_fn(task: Task, x, y) -> Callable:
+    """``params -> gradient of task.loss on (x, y)``: the ``grad_fn`` that optimizers with
+    Hessian-vector pairs (``OptSpec.uses_grad_fn``) take in ``update``."""
+    return lambda params: jax.grad(task.loss)(params, x, y)
+
+
 class Trainer:
     """Compiles and runs one optimizer on one task."""
 
@@ -60,8 +66,7 @@ class Trainer:
                 p, s = carry
                 xb, yb = x[batch_idx], y[batch_idx]
                 loss, g = jax.value_and_grad(task.loss)(p, xb, yb)
-                extra = ({"grad_fn": lambda q: jax.grad(task.loss)(q, xb, yb)}
-                         if uses_grad_fn else {})
+                extra = {"grad_fn": batch_grad_fn(task, xb, yb)} if uses_grad_fn else {}
                 u, s = tx.update(g, s, p, **extra)
                 return (optax.apply_updates(p, u), s), loss
 

@@ -41,9 +41,12 @@ QUICK_TASKS = ("mnist1d_mlp", "fmnist_mlp", "logreg")
 
 
 def _specs_for(task: Task, quick: bool, names: Optional[Sequence[str]] = None) -> list[OptSpec]:
+    """The optimizers to run on ``task``: those ``names`` (``--opts``), else every
+    optimizer that is not a research variant (fewer in ``quick`` mode)."""
     out = []
     for s in SPECS:
-        if (s.name not in names) if names is not None else s.research:
+        chosen = s.name in names if names is not None else not s.research
+        if not chosen:
             continue
         if s.only and not getattr(task, s.only):
             continue
@@ -137,9 +140,8 @@ def run_task(task: Task, specs, args, bar, bandwidth) -> dict[str, Any]:
         tx = spec.make(harness.cosine(0.01, steps))
         grad_fn = None
         if spec.uses_grad_fn:
-            xb = jnp.asarray(task.x_train[:task.batch_size])
-            yb = jnp.asarray(task.y_train[:task.batch_size])
-            grad_fn = lambda p: jax.grad(task.loss)(p, xb, yb)
+            grad_fn = harness.batch_grad_fn(task, jnp.asarray(task.x_train[:task.batch_size]),
+                                            jnp.asarray(task.y_train[:task.batch_size]))
         upd = harness.time_update(tx, params, repeats=5 if args.quick else 30, grad_fn=grad_fn)
         floor = spec.floor_words * 4 * task.num_params / bandwidth
         result["update"][spec.name] = {
@@ -350,8 +352,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             if not args.quick:
                 raise
             print(f"note: skipping {name} in --quick mode: {e}", file=sys.stderr)
-    total = sum(_plan(t, _specs_for(t, args.quick, args.opts), args.seeds, args.quick)
-                for t in tasks.values())
+    specs = {name: _specs_for(t, args.quick, args.opts) for name, t in tasks.items()}
+    total = sum(_plan(tasks[name], s, args.seeds, args.quick) for name, s in specs.items())
     results = {
         "config": {"quick": args.quick, "seeds": args.seeds, "tasks": args.tasks,
                    "jax": jax.__version__, "optax": optax.__version__,
@@ -369,8 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                           "(see examples/datasets.py)"}
                 continue
             task = tasks[name]
-            results["tasks"][name] = run_task(task, _specs_for(task, args.quick, args.opts), args, bar,
-                                              bandwidth)
+            results["tasks"][name] = run_task(task, specs[name], args, bar, bandwidth)
     results["wall_seconds"] = time.perf_counter() - t_start
     results = _jsonable(results)
     md = markdown(results)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import mlbfgs_optax
-from examples.benchmarks.harness import cosine
+from examples.benchmarks.harness import batch_grad_fn, cosine
 from examples.benchmarks.tasks import make_task
 
 
@@ -47,7 +47,7 @@ def main():
     def step(params, state, idx):
         xb, yb = x[idx], y[idx]
         g = jax.grad(task.loss)(params, xb, yb)
-        extra = {"grad_fn": lambda q: jax.grad(task.loss)(q, xb, yb)} if hvp else {}
+        extra = {"grad_fn": batch_grad_fn(task, xb, yb)} if hvp else {}
         st = state[0]
         d, _ = inner.update(g, st, params, **extra)
         empty = st._replace(rho=jnp.zeros_like(st.rho), num_pairs=jnp.zeros_like(st.num_pairs))
