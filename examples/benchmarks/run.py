@@ -10,9 +10,10 @@ Writes ``results.md`` (tables), ``results.json`` (every run with its history) an
 ``<task>.png`` / ``<task>_ablation.png`` (loss and test accuracy vs steps and vs
 seconds) into ``--out`` (default ``examples/benchmarks/results``).
 
-Protocol: every optimizer runs each learning rate of its grid with seed 0; the lr with
-the lowest final training loss (mean mini-batch loss of the last chunk) is then run
-with the remaining seeds. Ablations of mlbfgs's defaults reuse the defaults' best lr.
+Protocol: every optimizer runs each learning rate of its grid with seed 0; while the
+best lr is at an edge of what was tried, the grid grows by half a decade on that side
+(at most ``EDGE_EXTENSIONS`` points a side); the lr with the lowest final training loss
+(mean mini-batch loss of the last chunk) is then run with the remaining seeds. Ablations of mlbfgs's defaults reuse the defaults' best lr.
 All runs use cosine decay from the peak lr to 0. See README.md.
 """
 
@@ -38,6 +39,7 @@ from examples.benchmarks.tasks import TASK_NAMES, Task, default_tasks, make_task
 
 QUICK_SPECS = ("sgd", "muon", "mlbfgs_default", "mlbfgs_authors", "nsgdm", "abl_no_pairs")
 QUICK_TASKS = ("mnist1d_mlp", "fmnist_mlp", "logreg")
+EDGE_EXTENSIONS = 3  # half-decade points a grid may grow by on each side (full runs)
 
 
 def _specs_for(task: Task, quick: bool, names: Optional[Sequence[str]] = None) -> list[OptSpec]:
@@ -68,6 +70,30 @@ def _plan(task: Task, specs, seeds: int, quick: bool) -> int:
     for s in specs:
         n += seeds if s.ablation_of else len(_grid(task, s, quick)) + seeds - 1
     return n
+
+
+def next_edge_lr(scores: dict[float, float], added: dict[str, int],
+                 limit: int = EDGE_EXTENSIONS) -> Optional[float]:
+    """The lr to try next so the best is not at an edge of the grid, or None.
+
+    Args:
+      scores: lr -> selection key (lower is better, +inf for a diverged run).
+      added: points added so far on each side (``{"low": i, "high": j}``), updated.
+      limit: the most points added on one side.
+
+    Returns:
+      Half a decade beyond the best lr when it is the lowest or highest lr tried (and
+      that side has room left), else None.
+    """
+    lrs = sorted(scores)
+    best = min(lrs, key=lambda lr: scores[lr])
+    if best == lrs[-1] and added["high"] < limit:
+        added["high"] += 1
+        return float(f"{best * 10 ** 0.5:.3g}")
+    if best == lrs[0] and added["low"] < limit:
+        added["low"] += 1
+        return float(f"{best / 10 ** 0.5:.3g}")
+    return None
 
 
 def _select_key(run: dict) -> float:
@@ -101,14 +127,28 @@ def _aggregate(task: Task, runs: list[dict]) -> dict[str, Any]:
     }
 
 
+def _grid_summary(grid: Optional[list[dict]]) -> dict[str, Any]:
+    """How the grid went: its size, whether the chosen lr is at an edge, and how many
+    lrs diverged, in all and in the upper half (lrs at or above the median lr)."""
+    if not grid:
+        return {"grid_lrs": None, "lr_at_grid_edge": None, "grid_diverged": None,
+                "upper_half_diverged": None}
+    lrs = [g["lr"] for g in grid]
+    best = min(grid, key=lambda g: g["final_train_loss"])["lr"]
+    mid = float(np.median(lrs))
+    return {"grid_lrs": len(lrs), "lr_at_grid_edge": best in (lrs[0], lrs[-1]),
+            "grid_diverged": sum(g["diverged"] for g in grid),
+            "upper_half_diverged": sum(g["diverged"] for g in grid if g["lr"] >= mid)}
+
+
 def run_task(task: Task, specs, args, bar, bandwidth) -> dict[str, Any]:
     steps = task.quick_steps if args.quick else task.steps
     eval_every = max(1, steps // (5 if args.quick else task.evals))
     steps = (steps // eval_every) * eval_every
     result = {"description": task.description, "num_params": task.num_params, "steps": steps,
               "eval_every": eval_every, "metric": task.metric, "target": task.target,
-              "fstar": task.fstar, "runs": [], "best_lr": {}, "summary": {}, "update": {},
-              "compile_seconds": {}}
+              "fstar": task.fstar, "runs": [], "best_lr": {}, "grid": {}, "summary": {},
+              "update": {}, "compile_seconds": {}}
     by_spec: dict[str, list[dict]] = {}
     ordered = [s for s in specs if not s.ablation_of] + [s for s in specs if s.ablation_of]
     for spec in ordered:
@@ -128,9 +168,18 @@ def run_task(task: Task, specs, args, bar, bandwidth) -> dict[str, Any]:
             best = result["best_lr"][spec.ablation_of]
             runs = [go(best, seed, "ablation") for seed in range(args.seeds)]
         else:
-            grid = _grid(task, spec, args.quick)
-            trials = [go(lr, 0, "grid") for lr in grid]
+            trials = [go(lr, 0, "grid") for lr in _grid(task, spec, args.quick)]
+            added = {"low": 0, "high": 0}
+            while not args.quick:
+                lr = next_edge_lr({r["lr"]: _select_key(r) for r in trials}, added)
+                if lr is None:
+                    break
+                trials.append(go(lr, 0, "grid"))
+            trials.sort(key=lambda r: r["lr"])
             best_run = min(trials, key=_select_key)
+            result["grid"][spec.name] = [
+                {"lr": r["lr"], "final_train_loss": _select_key(r), "diverged": r["diverged"]}
+                for r in trials]
             best = best_run["lr"]
             runs = [best_run] + [go(best, seed, "seeds") for seed in range(1, args.seeds)]
         result["best_lr"][spec.name] = best
@@ -153,6 +202,7 @@ def run_task(task: Task, specs, args, bar, bandwidth) -> dict[str, Any]:
         }
     for name, runs in by_spec.items():
         result["summary"][name] = _aggregate(task, runs)
+        result["summary"][name].update(_grid_summary(result["grid"].get(name)))
     sgd = result["summary"].get("sgd")
     for name, s in result["summary"].items():
         s["step_time_ratio_to_sgd"] = (s["step_seconds_median"] / sgd["step_seconds_median"]
@@ -196,10 +246,11 @@ def markdown(results: dict) -> str:
             f"{t['description']}; {t['num_params']} parameters; {t['steps']} steps, evaluated "
             f"every {t['eval_every']}. Target: {tgt}.",
             "",
-            "| optimizer | lr | final " + ("gap f - f*" if gap else "test acc") +
+            "| optimizer | lr | grid: lrs, diverged | final " +
+            ("gap f - f*" if gap else "test acc") +
             " median [min, max] | steps to target | s to target | step time / SGD | "
             "update-only ms | state B/param | update / floor |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for opt, s in t["summary"].items():
             u = t["update"].get(opt)
@@ -207,8 +258,11 @@ def markdown(results: dict) -> str:
                 s["final_median"], s["final_min"], s["final_max"])
             n = len(s["seeds"])
             reached = "" if s["reached"] == n else f" ({s['reached']}/{n} reached)"
+            edge = " (edge)" if s.get("lr_at_grid_edge") else ""
+            grid = ("ablation" if s.get("grid_lrs") is None
+                    else f"{s['grid_lrs']}, {s['grid_diverged']}")
             lines.append(
-                f"| {opt} | {_fmt(s['lr'], '{:g}')} | {fin}"
+                f"| {opt} | {_fmt(s['lr'], '{:g}')}{edge} | {grid} | {fin}"
                 f"{' (' + str(s['diverged']) + ' diverged)' if s['diverged'] else ''} | "
                 f"{_fmt(s['steps_to_target_median'], '{:.0f}')}{reached} | "
                 f"{_fmt(s['seconds_to_target_median'], '{:.2f}')} | "
@@ -222,7 +276,11 @@ def markdown(results: dict) -> str:
         "",
         "- Optimizers: " + "; ".join(f"`{k}` = {v}" for k, v in LABELS.items()) + ".",
         "- lr: the peak of a cosine decay to 0, chosen from the grid by the lowest final "
-        "training loss with seed 0; ablations (`abl_*`) reuse `mlbfgs_default`'s lr.",
+        "training loss with seed 0; ablations (`abl_*`) reuse `mlbfgs_default`'s lr. Every "
+        "grid starts with 7 lrs half a decade apart; in full runs, while the best is the "
+        f"lowest or highest lr tried, it grows by half a decade on that side (at most "
+        f"{EDGE_EXTENSIONS} a side); '(edge)' marks a best lr still at an edge. 'grid: lrs, "
+        "diverged' counts the lrs tried and those whose seed-0 run diverged.",
         "- steps/s to target: median over seeds, counting a seed that never reached the "
         "target as infinite ('–' when the median did not reach it); seconds exclude "
         "compilation and evaluation.",
