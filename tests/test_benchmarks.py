@@ -304,3 +304,51 @@ def test_quick_run_of_named_optimizers_passes_grad_fn(tmp_path):
     assert set(task["summary"]) == {"mlbfgs_hvp"}
     assert all(math.isfinite(r["gap"][-1]) for r in task["runs"])
     assert task["update"]["mlbfgs_hvp"]["update_seconds"] > 0
+
+
+def test_grid_grows_past_an_edge_best_and_stops_at_its_limit():
+    inf = math.inf
+    added = {"low": 0, "high": 0}
+    assert run.next_edge_lr({0.1: 2.0, 1.0: 1.0}, added) == 3.16  # best at the top
+    assert run.next_edge_lr({0.1: 2.0, 1.0: 1.0, 3.16: inf}, added) is None  # interior now
+    assert run.next_edge_lr({0.1: 1.0, 1.0: 2.0}, added) == 0.0316  # best at the bottom
+    assert added == {"low": 1, "high": 1}
+    assert run.next_edge_lr({0.1: 1.0, 1.0: 2.0}, {"low": 3, "high": 0}, limit=3) is None
+    grid = [{"lr": 0.01, "final_train_loss": 1.0, "diverged": False},
+            {"lr": 0.1, "final_train_loss": 0.5, "diverged": False},
+            {"lr": 1.0, "final_train_loss": inf, "diverged": True}]
+    s = run._grid_summary(grid)
+    assert s == {"grid_lrs": 3, "lr_at_grid_edge": False, "grid_diverged": 1,
+                 "upper_half_diverged": 1}
+    assert run._grid_summary(grid[:2])["lr_at_grid_edge"] is True
+
+
+_SLOW = pytest.mark.slow  # 20-30 s each on 2 cores; the suite's tables count the same
+
+
+@pytest.mark.parametrize("name", ["logreg", "mnist1d_mlp"] + [
+    pytest.param(n, marks=_SLOW) for n in ("mnist1d_cnn", "fmnist_mlp", "fmnist_cnn",
+                                           "mnist_mlp")])
+def test_defaults_finite_across_the_upper_half_of_their_grid(name):
+    """The defaults never diverge in the upper half of their suite grid (the full run's
+    steps, one seed): training loss and test loss finite at every evaluation. CI runs the
+    two cheap tasks; ``pytest -m slow`` the rest (the suite's 'grid: lrs, diverged' column
+    reports every task's grid)."""
+    from examples.benchmarks import harness, tasks
+    from examples.benchmarks.optimizers import SPEC_BY_NAME
+
+    try:
+        task = tasks.make_task(name)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    spec = SPEC_BY_NAME["mlbfgs_default"]
+    grid = run._grid(task, spec, quick=False)
+    upper = [lr for lr in grid if lr >= float(np.median(grid))]
+    eval_every = task.steps // 5
+    with jax.numpy_rank_promotion("allow"):
+        trainer = harness.Trainer(task, spec.make, task.steps, eval_every)
+        for lr in upper:
+            r = trainer.run(lr, seed=0)
+            assert not r["diverged"], lr
+            assert np.all(np.isfinite(r["train_loss"][1:])), lr
+            assert np.all(np.isfinite(r["test_loss"])), lr

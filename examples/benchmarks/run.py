@@ -87,13 +87,12 @@ def next_edge_lr(scores: dict[float, float], added: dict[str, int],
     """
     lrs = sorted(scores)
     best = min(lrs, key=lambda lr: scores[lr])
-    if best == lrs[-1] and added["high"] < limit:
-        added["high"] += 1
-        return float(f"{best * 10 ** 0.5:.3g}")
-    if best == lrs[0] and added["low"] < limit:
-        added["low"] += 1
-        return float(f"{best / 10 ** 0.5:.3g}")
-    return None
+    side = "high" if best == lrs[-1] else "low" if best == lrs[0] else None
+    if side is None or added[side] >= limit:
+        return None
+    added[side] += 1
+    exponent = round(2 * math.log10(best)) / 2 + (0.5 if side == "high" else -0.5)
+    return float(f"{10 ** exponent:.3g}")
 
 
 def _select_key(run: dict) -> float:
