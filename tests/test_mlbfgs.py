@@ -365,6 +365,10 @@ def test_converges_on_ill_conditioned_logistic_regression():
         assert float(f(w)) - 0.0972542266 < 1e-7  # scipy L-BFGS-B's optimum
 
 
+def _naive_lbfgs(lr):
+    return optax.lbfgs(learning_rate=lr, linesearch=None)
+
+
 def test_stochastic_stable_where_naive_lbfgs_is_not():
     """Mini-batch logistic regression: optax.lbfgs without line search stalls far from
     the optimum or blows up at every lr tried; mL-BFGS with its defaults, at Adam's
@@ -381,7 +385,9 @@ def test_stochastic_stable_where_naive_lbfgs_is_not():
         return jnp.mean(jnp.logaddexp(0.0, z) - yb * z) + 5e-4 * jnp.sum(w ** 2)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def run(tx, idx):
+    def run(make, lr, idx):  # one compilation per optimizer, lr traced
+        tx = make(lr)
+
         def body(carry, i):
             w, st = carry
             u, st = tx.update(jax.grad(loss)(w, x[i], y[i]), st, w)
@@ -392,10 +398,10 @@ def test_stochastic_stable_where_naive_lbfgs_is_not():
     for seed in range(2):
         idx = jnp.asarray(np.random.default_rng(seed).integers(0, len(y), size=(1000, 32)))
         for lr in (0.01, 0.03, 0.3):
-            naive_loss = np.asarray(run(optax.lbfgs(learning_rate=lr, linesearch=None), idx))
+            naive_loss = np.asarray(run(_naive_lbfgs, lr, idx))
             assert not np.all(np.isfinite(naive_loss)) or np.median(naive_loss[-100:]) > 0.2
         for lr in (0.01, 0.03):
-            our_loss = np.asarray(run(mlbfgs_optax.mlbfgs(lr), idx))
+            our_loss = np.asarray(run(mlbfgs_optax.mlbfgs, lr, idx))
             assert np.all(np.isfinite(our_loss)) and our_loss[500:].max() < 0.2
             assert np.median(our_loss[-100:]) < 0.08  # optimum of the full loss is ~0.05
 
