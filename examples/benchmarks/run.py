@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m examples.benchmarks.run            # full suite, 3 seeds (~20 min on 2 cores)
+    python -m examples.benchmarks.run            # full suite, 3 seeds (~23 min on 2 cores)
     python -m examples.benchmarks.run --quick    # end-to-end smoke run (< 90 s)
     python -m examples.benchmarks.run --tasks mnist1d_mlp logreg --out /tmp/bench
 
