@@ -356,3 +356,20 @@ def test_defaults_finite_across_the_upper_half_of_their_grid(name):
             assert not r["diverged"], lr
             assert np.all(np.isfinite(r["train_loss"][1:])), lr
             assert np.all(np.isfinite(r["test_loss"])), lr
+
+
+def test_holdout_tasks_build_and_steps_to_target():
+    """research/holdout_tasks.py: the sklearn tasks build with seeded splits, and steps to
+    an after-the-fact target are the median over seeds of the first evaluation past it."""
+    from examples.benchmarks.research import holdout_tasks
+
+    digits = holdout_tasks.make("digits_mlp")
+    assert digits.x_train.shape == (1400, 64) and digits.x_test.shape == (397, 64)
+    wine = holdout_tasks.make("wine_raw_mlp")
+    assert wine.x_train.shape == (130, 13) and wine.x_train.max() > 1000  # raw features
+    assert wine.num_params == 13 * 64 + 64 + 64 * 3 + 3
+    runs = [{"step": [0, 10, 20], "test_acc": [0.1, 0.9, 0.95]},
+            {"step": [0, 10, 20], "test_acc": [0.1, 0.5, 0.95]},
+            {"step": [0, 10, 20], "test_acc": [0.1, 0.5, 0.6]}]
+    assert holdout_tasks.steps_to(runs, 0.9) == (20.0, 2)
+    assert holdout_tasks.steps_to(runs[2:], 0.9) == (None, 0)
