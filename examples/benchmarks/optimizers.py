@@ -142,9 +142,12 @@ AUTHORS_WORDS = mlbfgs_words(M, 50, momentum=True, weight_decay=True, pair_momen
 DEFAULT_FORMULA = "4M + 7 + 8/T + 2 (momentum) + 3 (metric)"
 
 
-def _ablation(name, label, **kw):
+def _ablation(name, label, research=False, **kw):
+    d = {**LIB_DEFAULTS, **kw}
+    words = mlbfgs_words(d["memory_size"], d["update_period"], momentum=True) + 3
     return OptSpec(name, f"ablation: defaults with {label}", _mlbfgs(**{**MLBFGS_DEFAULTS, **kw}),
-                   (), (), _words_default(), DEFAULT_FORMULA, ablation_of="mlbfgs_default")
+                   (), (), words,
+                   DEFAULT_FORMULA, ablation_of="mlbfgs_default", research=research)
 
 
 SPECS = (
@@ -202,5 +205,9 @@ SPECS = (
     _ablation("abl_no_momentum", "momentum=None", momentum=None),
     _ablation("abl_no_roundoff", "roundoff_rejection=None", roundoff_rejection=None),
     _ablation("abl_blocks_all", "blocks='all' (one block)", blocks="all"),
+    # Research ablations (run only when named with --opts): a shorter history moves fewer
+    # bytes per step (4M words of the 4M + 15.8 the defaults move).
+    _ablation("abl_memory_5", "memory_size=5", research=True, memory_size=5),
+    _ablation("abl_memory_3", "memory_size=3", research=True, memory_size=3),
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}

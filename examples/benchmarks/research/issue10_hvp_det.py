@@ -55,6 +55,8 @@ OPTS = {
                                                        beta=0.0), True),
     "mlbfgs_sigma_low_0.01": (lambda s: mlbfgs_optax.mlbfgs(s, sigma_low=0.01), False),
     "abl_no_pairs": (lambda s: mlbfgs_optax.mlbfgs(s, update_period=10 ** 9), False),
+    "abl_memory_5": (lambda s: mlbfgs_optax.mlbfgs(s, memory_size=5), False),
+    "abl_memory_3": (lambda s: mlbfgs_optax.mlbfgs(s, memory_size=3), False),
 }
 STEPS, EVERY, TARGET = 50_000, 5_000, 1e-8
 
