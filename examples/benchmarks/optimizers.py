@@ -196,7 +196,8 @@ SPECS = (
             "5 (read g, theta; read+write trace; write update)"),
     # Ablations of the defaults, one change each, run at mlbfgs_default's best lr.
     _ablation("abl_no_pairs", "no curvature pairs (update_period 10^9): the same chain with "
-              "H = D, i.e. bias-corrected RMSprop + debiased EMA momentum 0.9 (an Adam variant)", update_period=10 ** 9),
+              "H = D, i.e. bias-corrected RMSprop + debiased EMA momentum 0.9 (an Adam "
+              "variant)", update_period=10 ** 9),
     _ablation("abl_no_pair_warmup", "pair_warmup=0 (pairs from the first pair step on, the "
               "defaults before this change)", pair_warmup=0),
     _ablation("abl_no_step_bound", "step_bound=None", step_bound=None),

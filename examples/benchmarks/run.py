@@ -13,8 +13,9 @@ seconds) into ``--out`` (default ``examples/benchmarks/results``).
 Protocol: every optimizer runs each learning rate of its grid with seed 0; while the
 best lr is at an edge of what was tried, the grid grows by half a decade on that side
 (at most ``EDGE_EXTENSIONS`` points a side); the lr with the lowest final training loss
-(mean mini-batch loss of the last chunk) is then run with the remaining seeds. Ablations of mlbfgs's defaults reuse the defaults' best lr.
-All runs use cosine decay from the peak lr to 0. See README.md.
+(mean mini-batch loss of the last chunk) is then run with the remaining seeds. Ablations
+of mlbfgs's defaults reuse the defaults' best lr. All runs use cosine decay from the peak
+lr to 0. See README.md.
 """
 
 from __future__ import annotations
