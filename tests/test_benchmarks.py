@@ -368,8 +368,15 @@ def test_holdout_tasks_build_and_steps_to_target():
     wine = holdout_tasks.make("wine_raw_mlp")
     assert wine.x_train.shape == (130, 13) and wine.x_train.max() > 1000  # raw features
     assert wine.num_params == 13 * 64 + 64 + 64 * 3 + 3
-    runs = [{"step": [0, 10, 20], "test_acc": [0.1, 0.9, 0.95]},
-            {"step": [0, 10, 20], "test_acc": [0.1, 0.5, 0.95]},
-            {"step": [0, 10, 20], "test_acc": [0.1, 0.5, 0.6]}]
-    assert holdout_tasks.steps_to(runs, 0.9) == (20.0, 2)
-    assert holdout_tasks.steps_to(runs[2:], 0.9) == (None, 0)
+    def run(acc):
+        return {"step": [0, 10, 20], "seconds": [0.0, 1.0, 2.0], "test_acc": acc}
+
+    chosen = {"sgd": [run([0.1, 0.9, 0.95]), run([0.1, 0.5, 0.95]), run([0.1, 0.5, 0.6])],
+              "adamw": [run([0.1, 0.5, 0.6])], "mlbfgs_default": [run([0.1, 0.5, 0.6])]}
+    summary = {"sgd": {"final_median": 0.9}, "adamw": {"final_median": 0.85},
+               "mlbfgs_default": {"final_median": 0.6}}
+    after = holdout_tasks.after_the_fact_target(summary, chosen)
+    assert after["target"] == 0.9  # the better of SGD's and AdamW's median final accuracy
+    s = after["summary"]
+    assert (s["sgd"]["steps_to_target"], s["sgd"]["reached"]) == (20.0, 2)
+    assert (s["mlbfgs_default"]["steps_to_target"], s["mlbfgs_default"]["reached"]) == (None, 0)
