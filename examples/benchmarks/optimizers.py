@@ -112,9 +112,12 @@ MUON_GRID = _half_decades(-3.5)     # 3.16e-4 ... 0.316
 PAPER_GRID = _half_decades(-3)      # 1e-3 ... 1 (paper units: SGD-like)
 
 
-def _words_default():
+def _words_default(memory_size=None):
+    """The defaults' floor (with ``memory_size`` pairs when given): T's pair-step share is
+    counted at the default T for every variant, pairless ones included."""
     d = LIB_DEFAULTS
-    return mlbfgs_words(d["memory_size"], d["update_period"], momentum=True) + 3
+    m = d["memory_size"] if memory_size is None else memory_size
+    return mlbfgs_words(m, d["update_period"], momentum=True) + 3
 
 
 def _normalized_sgdm(lr):
@@ -143,11 +146,9 @@ DEFAULT_FORMULA = "4M + 7 + 8/T + 2 (momentum) + 3 (metric)"
 
 
 def _ablation(name, label, research=False, **kw):
-    d = {**LIB_DEFAULTS, **kw}
-    words = mlbfgs_words(d["memory_size"], d["update_period"], momentum=True) + 3
     return OptSpec(name, f"ablation: defaults with {label}", _mlbfgs(**{**MLBFGS_DEFAULTS, **kw}),
-                   (), (), words,
-                   DEFAULT_FORMULA, ablation_of="mlbfgs_default", research=research)
+                   (), (), _words_default(kw.get("memory_size")), DEFAULT_FORMULA,
+                   ablation_of="mlbfgs_default", research=research)
 
 
 SPECS = (
