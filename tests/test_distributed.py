@@ -28,8 +28,8 @@ import mlbfgs_optax
 N_DEV = 8
 K = 16  # two blocks per device
 STEPS = 120
-KW = dict(update_period=3, beta=0.9, memory_size=4, pair_warmup=0,
-          blocks=mlbfgs_optax.EqualSlices(K))
+PAIRS_KW = dict(update_period=3, beta=0.9, memory_size=4, pair_warmup=0)  # pairs from call 5
+KW = dict(PAIRS_KW, blocks=mlbfgs_optax.EqualSlices(K))
 
 pytestmark = pytest.mark.skipif(jax.device_count() < N_DEV, reason="needs 8 (fake) devices")
 
@@ -329,8 +329,7 @@ def _follow_reference(layout):
     blocks = _FOLLOW_BLOCKS[layout]
     with jax.enable_x64(True):
         params, grad = _follow_problem(jnp.float64)
-        opt = mlbfgs_optax.mlbfgs(0.05, update_period=3, beta=0.9, memory_size=4, blocks=blocks,
-                                   pair_warmup=0)
+        opt = mlbfgs_optax.mlbfgs(0.05, blocks=blocks, **PAIRS_KW)
         return _follow_run(opt, params, grad)[0]
 
 
@@ -362,8 +361,7 @@ def test_state_follows_param_sharding_and_matches_one_device(layout, axis_type, 
     blocks = _FOLLOW_BLOCKS[layout]
     with jax.enable_x64(True):
         params, grad = _follow_problem(jnp.float64)
-        opt = mlbfgs_optax.mlbfgs(0.05, update_period=3, beta=0.9, memory_size=4, blocks=blocks,
-                                   pair_warmup=0)
+        opt = mlbfgs_optax.mlbfgs(0.05, blocks=blocks, **PAIRS_KW)
         ref = _follow_reference(layout)
         init = _follow_init(opt, params, mesh, specs, axis_type, set_mesh)
         sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
@@ -380,7 +378,7 @@ def test_state_follows_param_sharding_in_float32():
     shape, names, specs = _LAYOUTS["fsdp"]
     mesh = jax.make_mesh(shape, names)
     params, grad = _follow_problem(jnp.float32)
-    opt = mlbfgs_optax.mlbfgs(0.05, update_period=3, beta=0.9, memory_size=4, pair_warmup=0)
+    opt = mlbfgs_optax.mlbfgs(0.05, **PAIRS_KW)
     ref, _, _ = _follow_run(opt, params, grad)
     sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
     p, st, _ = _follow_run(opt, sharded, grad)
