@@ -36,7 +36,7 @@ class OptSpec:
       only: restrict to tasks with this attribute true (e.g. ``"muon"``).
       uses_grad_fn: ``update`` takes ``grad_fn``, the gradient function of the batch
         (``curvature="hessian_vector"``).
-      research: a one-off variant of a research round (``research/issue10_hvp.md``):
+      research: a one-off variant of a research round (``research/hessian_vector_pairs.md``):
         run only when named with ``--opts``.
     """
 
@@ -64,7 +64,7 @@ LIB_DEFAULTS = {k: _SIG_DEFAULTS[k] for k in (
     "bias_correction", "metric", "step_bound", "roundoff_rejection", "momentum",
     "pair_warmup")}
 MLBFGS_DEFAULTS: dict = {}  # overrides of the library defaults for mlbfgs_default: none
-# The library's defaults before issue 10: the paper's algorithm (H0 = gamma I, pairs in
+# The library's defaults before Adam's metric became the default: the paper's algorithm (H0 = gamma I, pairs in
 # parameter units) with bias correction and the sigma_yy bound, sigma 0.5/1.5, no momentum.
 MLBFGS_PAPER = dict(mlbfgs_optax.paper_defaults, bias_correction=True, sigma_yy=None,
                     momentum=None)
@@ -183,7 +183,7 @@ SPECS = (
             "lr grid (the ablation abl_no_pairs reuses the defaults' lr and runs on the cheap "
             "tasks only)", _mlbfgs(**MLBFGS_DEFAULTS, update_period=10 ** 9), ADAM_GRID,
             (1e-3, 1e-2), _words_default(), DEFAULT_FORMULA, research=True),
-    OptSpec("mlbfgs_paper", "mlbfgs, the defaults before issue 10: paper_defaults + bias "
+    OptSpec("mlbfgs_paper", "mlbfgs, the paper's algorithm (the old defaults): paper_defaults + bias "
             "correction + sigma_yy 10*sigma_high, no momentum (H0 = gamma I, lr in SGD units)",
             _mlbfgs(**MLBFGS_PAPER), PAPER_GRID, (0.01, 0.1), mlbfgs_words(M, 10),
             "4M + 7 + 8/T"),

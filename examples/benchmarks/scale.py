@@ -1,4 +1,4 @@
-"""Paper-scale benchmark: a ResNet with BatchNorm and a transformer LM (issue 12).
+"""Paper-scale benchmark: a ResNet with BatchNorm and a transformer LM.
 
 Protocol, for every task and optimizer (SGD+momentum, AdamW, the library's default
 mL-BFGS, the authors' recipe and normalized SGD+momentum as its control):

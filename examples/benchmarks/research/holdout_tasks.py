@@ -1,4 +1,4 @@
-"""Issue 10, a check on tasks the defaults were not chosen on.
+"""A check on tasks the defaults were not chosen on.
 
 The library's defaults were fixed (cb9ee97) before these tasks were first run. Three
 small problems unlike the suite's: scikit-learn's 8x8 digits with an MLP, the wine data

@@ -1,4 +1,4 @@
-"""Issue 10 diagnostic: how much do the curvature pairs change the direction?
+"""Diagnostic: how much do the curvature pairs change the direction?
 
 Trains a suite task with ``mlbfgs(lr)`` (the defaults, or Hessian-vector pairs) and, at
 every ordinary step, computes the direction twice from the same state: with the stored
@@ -7,7 +7,7 @@ pairs). Reports, over the run, the median and 90th percentile of ||d - d0|| / ||
 (all blocks together) and of the cosine between d and d0, the mean damping weight tau
 and the fraction of stored pairs whose raw curvature mu was clamped at sigma_low.
 
-    python -m examples.benchmarks.research.issue10_pair_effect --task mnist1d_mlp --lr 0.01
+    python -m examples.benchmarks.research.pair_effect --task mnist1d_mlp --lr 0.01
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Two XLA:CPU facts behind issue 11's results, measured: temporaries page-fault, and no
+"""Two XLA:CPU facts behind the optimizer-only cost results, measured: temporaries page-fault, and no
 formulation of a bfloat16-history product is as fast as float32.
 
 Run from the repository root::
 
-    python -m examples.benchmarks.research.issue11_xla_cpu
+    python -m examples.benchmarks.research.xla_cpu_costs
 
-Prints Markdown (committed as ``issue11_xla_cpu.md`` next to this file).
+Prints Markdown (committed as ``xla_cpu_costs.md`` next to this file).
 
 1. Minor page faults per call (``getrusage``) of a jitted function whose only
    temporaries are ``k`` float32 vectors of n elements, against their total size: XLA:CPU
@@ -189,7 +189,7 @@ def bound_table() -> list[str]:
 
 
 def main() -> str:
-    md = "\n".join(["# XLA:CPU measurements for issue 11", "",
+    md = "\n".join(["# XLA:CPU measurements behind the optimizer-only cost", "",
                     f"{harness.machine()}; jax {jax.__version__}.", ""]
                    + faults_table() + products_table() + bound_table()) + "\n"
     print(md)

@@ -1,13 +1,13 @@
-"""Issue 10, Hessian-vector-product pairs on the deterministic problems.
+"""Hessian-vector-product pairs (and other variants) on the deterministic problems.
 
 Rosenbrock from (0, 0) and a condition-1e4 quadratic (n = 100), float32, 50,000 steps of
-a cosine decay from the peak lr, the same half-decade grids as the issue-10 ablation
-(``issue10_ablation.md``: Rosenbrock 10^-7 .. 10^0.5, quadratic 10^-6 .. 10^1.5), one run
+a cosine decay from the peak lr, the same half-decade grids as the ablation that chose the defaults
+(``defaults_ablation.md``: Rosenbrock 10^-7 .. 10^0.5, quadratic 10^-6 .. 10^1.5), one run
 per lr (the problems are deterministic). Reports, per optimizer, the best lr (lowest final
 f; ties go to the lr that reached the target first), its steps to target, the fastest lr
 of the grid and the number of lrs that end non-finite or reach the target.
 
-    python -m examples.benchmarks.research.issue10_hvp_det [--out DIR] [--opts ...]
+    python -m examples.benchmarks.research.deterministic_problems [--out DIR] [--opts ...]
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def run(task, name):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default="/tmp/issue10_hvp_det")
+    p.add_argument("--out", default="/tmp/deterministic_problems")
     p.add_argument("--opts", nargs="+", default=list(OPTS))
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     args = p.parse_args()

@@ -1,10 +1,10 @@
-"""Issue 10: the suite's logistic regression with a budget in which its target is reached.
+"""The suite's logistic regression with a budget in which its target is reached.
 
 In the suite (2,000 steps) no optimizer gets the breast-cancer logistic regression to a gap of
 1e-2, so its "steps to target" cannot compare them. This runs the same task, grids, schedule
 and protocol (``examples.benchmarks.run.run_task``) for 20,000 steps, evaluated every 500.
 
-    python -m examples.benchmarks.research.issue10_logreg_long [--opts sgd adamw mlbfgs_default]
+    python -m examples.benchmarks.research.logreg_long [--opts sgd adamw mlbfgs_default]
 """
 
 from __future__ import annotations
