@@ -1,19 +1,29 @@
-"""Block layout: how a parameter pytree is cut into curvature blocks.
+"""Block layout: how a parameter pytree is cut into curvature blocks and packed.
 
 mL-BFGS approximates the inverse Hessian block-diagonally (Niu et al., 2023,
 https://arxiv.org/abs/2307.13744): every block keeps its own history of
 curvature pairs and its own two-loop recursion, and no dot product ever crosses
 a block. This module turns a user's ``blocks`` argument into a static
-:class:`BlockLayout`, which knows how to *pack* a parameter-shaped pytree into
-the arrays the optimizer works on and how to *unpack* them again.
+:class:`BlockLayout`, which *packs* a parameter-shaped pytree into a few large
+arrays, *buckets*, and *unpacks* them again.
 
-A packed tree is a list of arrays, each described by a :class:`Segment`:
+Every bucket is an array of shape ``(U, ...)`` whose leading index runs over
+*units*, and every unit belongs to one block (:attr:`Bucket.unit_block`, a
+static table). The optimizer's per-block algebra works on whole buckets: a
+per-block dot product is one elementwise product and reduction per bucket, then
+a segment sum of the ``U`` unit sums into the ``B`` blocks. So the traced and
+compiled program has a size set by the number of buckets, not by the number of
+parameter leaves or blocks:
 
-* a *whole-leaf* segment (``rows is None``) is one parameter leaf, kept in its
-  own shape, that belongs entirely to block ``offset``;
-* a *row* segment (``rows = k``) is a ``(k, n_b)`` array whose row ``r`` is
-  block ``offset + r``. :class:`EqualSlices` packs the flattened parameters into
-  one such array, so blocks have equal sizes and balance exactly over devices.
+* a *flat* bucket (``starts`` given) holds every unsharded leaf of one dtype,
+  raveled and concatenated into ``(R, C)`` rows; a block's leaves are
+  contiguous and padded with zeros to a multiple of the row width ``C``, so
+  every row belongs to one block. Padding carries zero parameters and zero
+  gradients: it never changes a dot product.
+* a *stacked* bucket (``starts`` None) holds the leaves of one shape, dtype and
+  sharding that the user sharded, stacked as ``(k, *shape)``: it keeps the
+  params' own sharding (``P(None, *spec)``), so nothing is resharded.
+* :class:`EqualSlices` is one flat bucket of ``K`` rows, one per block.
 """
 
 from __future__ import annotations
@@ -22,12 +32,12 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Hashable
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
+from jax.sharding import NamedSharding
 
 @dataclasses.dataclass(frozen=True)
 class EqualSlices:
@@ -67,29 +77,68 @@ class EqualSlices:
 
 BlockSpec = Union[str, EqualSlices, Any, Callable[[Any], Any]]
 
+#: The widest row of a flat bucket; narrower rows are taken when padding every
+#: block to a multiple of the row width would add more than 1/128 of the size.
+MAX_ROW = 256
 
-class Segment(NamedTuple):
-    """One packed array: which blocks it holds.
+
+class Bucket(NamedTuple):
+    """One packed array: the parameter leaves it holds and the block of every unit.
 
     Attributes:
-      offset: index of the (first) block this array belongs to.
-      rows: ``None`` when the whole array is one block; else the array has a
-        leading axis of this size and row ``r`` is block ``offset + r``.
+      leaves: indices (``jax.tree.leaves`` order) of the parameter leaves it
+        holds, in packing order.
+      starts: for a flat bucket, the offset of every leaf in the raveled
+        array; None for a stacked bucket (unit ``u`` is leaf ``leaves[u]``).
+      shape: the packed array's shape ``(U, ...)``.
+      dtype: the packed array's dtype.
+      unit_block: the block of every unit (leading index), length ``U``.
     """
 
-    offset: int
-    rows: int | None
+    leaves: tuple[int, ...]
+    starts: Optional[tuple[int, ...]]
+    shape: tuple[int, ...]
+    dtype: Any
+    unit_block: tuple[int, ...]
+
+
+def param_sharding(x) -> Optional[jax.sharding.Sharding]:
+    """The sharding a parameter leaf carries, when there is one to follow.
+
+    A concrete array's (or ``ShapeDtypeStruct``'s) ``NamedSharding``; under
+    ``jax.jit`` the sharding in the leaf's type, which only Explicit mesh axes
+    put there. None otherwise: one device (the state stays uncommitted, as
+    ``jnp.zeros`` makes it, so jit may place it), or GSPMD placing an Auto
+    program.
+    """
+    if isinstance(x, jax.core.Tracer):
+        s = jax.typeof(x).sharding
+        explicit = isinstance(s, NamedSharding) and any(
+            s.mesh._name_to_type[n] == jax.sharding.AxisType.Explicit
+            for n in jax.tree.leaves(tuple(s.spec)))
+        return s if explicit else None
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, NamedSharding) else None
+
+
+def _partitioned(x) -> Optional[NamedSharding]:
+    """``param_sharding(x)`` when it splits ``x`` over some mesh axis, else None."""
+    s = param_sharding(x)
+    return s if s is not None and jax.tree.leaves(tuple(s.spec)) else None
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockLayout:
-    """Static description of how params map onto curvature blocks.
+    """Static description of how params map onto curvature blocks and packed buckets.
+
+    A layout is static data (a pytree with no leaves): the optimizer state
+    holds the layout it was made with.
 
     Attributes:
       treedef: tree structure of the parameters.
       shapes: shape of every parameter leaf.
       dtypes: dtype of every parameter leaf.
-      segments: one :class:`Segment` per packed array.
+      buckets: the packed arrays (:class:`Bucket`).
       num_blocks: number of curvature blocks ``B``.
       block_names: a readable name for every block (labels, leaf paths or
         slice indices).
@@ -100,7 +149,7 @@ class BlockLayout:
     treedef: Any
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[Any, ...]
-    segments: tuple[Segment, ...]
+    buckets: tuple[Bucket, ...]
     num_blocks: int
     block_names: tuple[str, ...]
     block_sizes: tuple[int, ...]
@@ -108,174 +157,235 @@ class BlockLayout:
 
     # Packing ------------------------------------------------------------------
 
-    def pack(self, tree: Any) -> list[jax.Array]:
-        """Params-shaped pytree -> list of packed arrays."""
-        leaves = self.treedef.flatten_up_to(tree)
-        if self.slice_size is None:
-            return list(leaves)
-        dtype = jnp.result_type(*self.dtypes)
-        flat = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
-        total = self.num_blocks * self.slice_size
-        flat = jnp.pad(flat, (0, total - flat.shape[0]))
-        return [flat.reshape(self.num_blocks, self.slice_size)]
+    def pack(self, tree: Any, lead: int = 0) -> list[jax.Array]:
+        """Params-shaped pytree -> list of packed arrays, one per bucket.
 
-    def unpack(self, packed: list[jax.Array], dtypes=None) -> Any:
-        """List of packed arrays -> params-shaped pytree (cast to ``dtypes``)."""
+        ``lead``: number of leading axes every leaf has in front of its
+        parameter shape (1 for a history), kept in front of every bucket.
+        """
+        leaves = self.treedef.flatten_up_to(tree)
+        out = []
+        for b in self.buckets:
+            if b.starts is None:
+                out.append(jnp.stack([leaves[i].astype(b.dtype) for i in b.leaves], axis=lead))
+                continue
+            front = tuple(leaves[b.leaves[0]].shape[:lead])
+            parts, pos = [], 0
+            for i, start in zip(b.leaves, b.starts):
+                if start > pos:
+                    parts.append(jnp.zeros(front + (start - pos,), b.dtype))
+                x = leaves[i]
+                parts.append(x.reshape(front + (-1,)).astype(b.dtype))
+                pos = start + math.prod(self.shapes[i])
+            total = math.prod(b.shape)
+            if total > pos:
+                parts.append(jnp.zeros(front + (total - pos,), b.dtype))
+            flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=lead)
+            out.append(flat.reshape(front + b.shape))
+        return out
+
+    def unpack(self, packed: list[jax.Array], dtypes=None, lead: int = 0) -> Any:
+        """List of packed arrays -> params-shaped pytree (cast to ``dtypes``).
+
+        ``lead`` as in :meth:`pack`.
+        """
         dtypes = self.dtypes if dtypes is None else dtypes
-        if self.slice_size is None:
-            leaves = [x.astype(d) for x, d in zip(packed, dtypes)]
-            return self.treedef.unflatten(leaves)
-        flat = packed[0].reshape(-1)
-        leaves, start = [], 0
-        for shape, dtype in zip(self.shapes, dtypes):
-            size = math.prod(shape)
-            leaves.append(flat[start : start + size].reshape(shape).astype(dtype))
-            start += size
+        leaves: list[Any] = [None] * len(self.shapes)
+        for b, x in zip(self.buckets, packed):
+            front = tuple(x.shape[:lead])
+            if b.starts is None:
+                parts = jax.lax.split(x, (1,) * len(b.leaves), axis=lead)
+                for i, part in zip(b.leaves, parts):
+                    leaves[i] = part.reshape(front + self.shapes[i]).astype(dtypes[i])
+                continue
+            flat = x.reshape(front + (-1,))
+            sizes, pos = [], 0
+            for i, start in zip(b.leaves, b.starts):
+                sizes += [start - pos, math.prod(self.shapes[i])]
+                pos = start + sizes[-1]
+            sizes.append(flat.shape[-1] - pos)
+            parts = jax.lax.split(flat, sizes, axis=lead)
+            for i, part in zip(b.leaves, parts[1::2]):
+                leaves[i] = part.reshape(front + self.shapes[i]).astype(dtypes[i])
         return self.treedef.unflatten(leaves)
 
     def packed_shapes(self) -> list[tuple[tuple[int, ...], Any]]:
         """(shape, dtype) of every packed array."""
-        if self.slice_size is None:
-            return list(zip(self.shapes, self.dtypes))
-        return [((self.num_blocks, self.slice_size), jnp.result_type(*self.dtypes))]
+        return [(b.shape, b.dtype) for b in self.buckets]
 
     def local(self, rows: int) -> "BlockLayout":
         """The layout of ``rows`` consecutive slices: one device's share of them."""
         if self.slice_size is None:
             raise ValueError("only EqualSlices layouts can be split across devices.")
+        (b,) = self.buckets
         return dataclasses.replace(
             self,
-            segments=(Segment(0, rows),),
+            buckets=(b._replace(shape=(rows, self.slice_size), unit_block=tuple(range(rows))),),
             num_blocks=rows,
             block_names=tuple(f"slice{r}" for r in range(rows)),
             block_sizes=(self.slice_size,) * rows,
         )
 
+    # Units and blocks -----------------------------------------------------------
+
+    @functools.cached_property
+    def _unit_ids(self) -> Optional[np.ndarray]:
+        """The block of every unit of every bucket, concatenated; None when it is ``arange(B)``."""
+        ids = np.concatenate([np.asarray(b.unit_block, np.int32) for b in self.buckets])
+        return None if np.array_equal(ids, np.arange(self.num_blocks)) else ids
+
+    def _to_blocks(self, parts: list[jax.Array], op: str) -> jax.Array:
+        """Per-unit values (one ``(U_j, ...)`` array per bucket) reduced per block: ``(B, ...)``.
+
+        ``op``: ``"sum"`` or ``"max"`` (of non-negative values; 0 for a block
+        without units).
+        """
+        data = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+        ids = self._unit_ids
+        if ids is None:
+            return data
+        if op == "sum":
+            return jax.ops.segment_sum(data, ids, num_segments=self.num_blocks)
+        out = jax.ops.segment_max(data, ids, num_segments=self.num_blocks)
+        return jnp.maximum(out, jnp.zeros((), data.dtype))
+
+    def per_unit(self, c: jax.Array, j: int) -> jax.Array:
+        """Per-block values ``c`` (``(B, ...)``) for every unit of bucket ``j``: ``(U_j, ...)``.
+
+        A scalar-indexed ``(...)`` value when all units of the bucket belong to
+        one block.
+        """
+        ub = self.buckets[j].unit_block
+        if len(ub) > 1 and len(set(ub)) == 1:
+            return c[ub[0]]
+        if ub and ub == tuple(range(ub[0], ub[0] + len(ub))):
+            return c if len(ub) == c.shape[0] else c[ub[0] : ub[0] + len(ub)]
+        return jnp.take(c, np.asarray(ub, np.int32), axis=0)
+
+    def broadcast(self, c: jax.Array, j: int, ndim: int) -> jax.Array:
+        """Per-block values ``c`` (shape ``(B,)``) broadcastable against packed array ``j``."""
+        v = self.per_unit(c, j)
+        return v if v.ndim == 0 else v.reshape(v.shape + (1,) * (ndim - 1))
+
     # Per-block algebra ------------------------------------------------------
 
     def block_dot(self, a: list[jax.Array], b: list[jax.Array], dtype) -> jax.Array:
         """Per-block inner products ``<a_b, b_b>``, shape ``(B,)``, in ``dtype``."""
-        whole: dict[int, list[jax.Array]] = {}
-        rows: list[tuple[int, jax.Array]] = []
-        for x, y, seg in zip(a, b, self.segments):
-            prod = x.astype(dtype) * y.astype(dtype)
-            if seg.rows is None:
-                whole.setdefault(seg.offset, []).append(jnp.sum(prod))
-            else:
-                rows.append((seg.offset, jnp.sum(prod, axis=tuple(range(1, x.ndim)))))
-        return self._combine(whole, rows, jnp.add, dtype)
+        return self._to_blocks([
+            jnp.sum(x.astype(dtype) * y.astype(dtype), axis=tuple(range(1, x.ndim)))
+            for x, y in zip(a, b)], "sum")
 
     def block_dot_history(self, history: list[jax.Array], v: list[jax.Array], dtype) -> jax.Array:
         """``<h_m, v>`` per block for every slot ``m`` of ``(M, ...)`` histories: ``(B, M)``."""
-        return self._contract_history(history, [x.astype(dtype) for x in v],
-                                      "m...,...->m", "mr...,r...->rm", dtype)
+        return self._to_blocks([
+            jnp.sum(h.astype(dtype) * x.astype(dtype)[None], axis=tuple(range(2, h.ndim))).T
+            for h, x in zip(history, v)], "sum")
 
     def block_dot_history_many(self, history: list[jax.Array], vs: list[list[jax.Array]],
                                dtype) -> jax.Array:
         """``<h_m, v_k>`` per block for every slot ``m`` and packed vector ``v_k``: ``(B, M, K)``.
 
-        One matrix product per packed array against the stacked vectors, so
-        the history is read once for all ``K`` vectors.
+        One fused pass per packed array against the stacked vectors, so the
+        history is read once for all ``K`` vectors.
         """
-        stacked = [jnp.stack([v[j].astype(dtype) for v in vs]) for j in range(len(history))]
-        return self._contract_history(history, stacked, "m...,k...->mk", "mr...,kr...->rmk",
-                                      dtype)
-
-    def _contract_history(self, history, xs, whole_spec: str, rows_spec: str, dtype):
-        """Per-block contractions of each history array with ``xs`` (einsum specs for a
-        whole-leaf and a row segment), summed over the arrays of a block."""
-        whole: dict[int, list[jax.Array]] = {}
-        rows: list[tuple[int, jax.Array]] = []
-        for h, x, seg in zip(history, xs, self.segments):
-            if seg.rows is None:
-                dot = jnp.einsum(whole_spec, h, x, preferred_element_type=dtype,
-                                 out_sharding=_replicated_like(x))
-                whole.setdefault(seg.offset, []).append(dot.astype(dtype))
-            else:
-                dot = jnp.einsum(rows_spec, h, x, preferred_element_type=dtype)
-                rows.append((seg.offset, dot.astype(dtype)))
-        return self._combine(whole, rows, jnp.add, dtype)
+        parts = []
+        for j, h in enumerate(history):
+            v = jnp.stack([vk[j].astype(dtype) for vk in vs])  # (K, U, ...)
+            prod = h.astype(dtype)[:, None] * v[None]  # (M, K, U, ...)
+            parts.append(jnp.transpose(jnp.sum(prod, axis=tuple(range(3, prod.ndim))), (2, 0, 1)))
+        return self._to_blocks(parts, "sum")
 
     def combine_history(self, coef: jax.Array, history: list[jax.Array], dtype) -> list[jax.Array]:
         """``sum_m coef[b, m] h_m`` for every packed array (``coef``: ``(B, M)``)."""
         out = []
-        for j, (h, seg) in enumerate(zip(history, self.segments)):
-            if seg.rows is None:
-                c = coef[seg.offset]
-                out.append(jnp.tensordot(c.astype(dtype), h, axes=1,
-                                         preferred_element_type=dtype).astype(dtype))
-            else:
-                c = coef[seg.offset : seg.offset + seg.rows]
-                out.append(jnp.einsum("rm,mr...->r...", c.astype(dtype), h,
-                                      preferred_element_type=dtype).astype(dtype))
+        for j, h in enumerate(history):
+            c = self.per_unit(coef.astype(dtype), j)  # (U, M) or (M,)
+            c = c.T if c.ndim == 2 else c[:, None]
+            out.append(jnp.sum(c.reshape(c.shape + (1,) * (h.ndim - 2)) * h.astype(dtype),
+                               axis=0))
         return out
 
     def block_max_abs(self, a: list[jax.Array], dtype) -> jax.Array:
         """Per-block ``max |a_b|``, shape ``(B,)``, in ``dtype``."""
-        whole: dict[int, list[jax.Array]] = {}
-        rows: list[tuple[int, jax.Array]] = []
-        for x, seg in zip(a, self.segments):
-            m = jnp.abs(x).astype(dtype)
-            if seg.rows is None:
-                whole.setdefault(seg.offset, []).append(jnp.max(m, initial=0.0))
-            else:
-                rows.append((seg.offset, jnp.max(m, axis=tuple(range(1, x.ndim)), initial=0.0)))
-        return self._combine(whole, rows, jnp.maximum, dtype)
-
-    def _combine(self, whole, rows, op, dtype) -> jax.Array:
-        """Per-block reduction of whole-leaf scalars and row vectors with ``op``."""
-        if not whole and len(rows) == 1 and rows[0][1].shape[0] == self.num_blocks:
-            return rows[0][1]
-        out = [jnp.zeros((), dtype)] * self.num_blocks
-        for off, parts in whole.items():
-            out[off] = functools.reduce(op, parts)
-        for off, vec in rows:
-            for r in range(vec.shape[0]):
-                out[off + r] = op(out[off + r], vec[r])
-        return jnp.stack(out)
-
-    def broadcast(self, c: jax.Array, i: int, ndim: int) -> jax.Array:
-        """Per-block values ``c`` (shape ``(B,)`` or ``(B, ...)``) for array ``i``."""
-        seg = self.segments[i]
-        if seg.rows is None:
-            return c[seg.offset]
-        return c[seg.offset : seg.offset + seg.rows].reshape((seg.rows,) + (1,) * (ndim - 1))
+        return self._to_blocks([
+            jnp.max(jnp.abs(x).astype(dtype), axis=tuple(range(1, x.ndim)), initial=0.0)
+            for x in a], "max")
 
     def gather_slot(self, history: jax.Array, slots: jax.Array, i: int) -> jax.Array:
-        """Row ``slots[block]`` of a ``(M, ...)`` history array, per block."""
-        seg = self.segments[i]
-        if seg.rows is None:
-            return jax.lax.dynamic_index_in_dim(history, slots[seg.offset], 0, keepdims=False)
-        idx = slots[seg.offset : seg.offset + seg.rows]
-        idx = idx.reshape((1, seg.rows) + (1,) * (history.ndim - 2))
+        """Row ``slots[block]`` of a ``(M, U, ...)`` history array, per unit."""
+        idx = self.per_unit(slots, i)
+        if idx.ndim == 0:
+            return jax.lax.dynamic_index_in_dim(history, idx, 0, keepdims=False)
+        idx = idx.reshape((1, idx.shape[0]) + (1,) * (history.ndim - 2))
         return jnp.take_along_axis(history, idx, axis=0, mode="clip")[0]
 
     def scatter_slot(
         self, history: jax.Array, value: jax.Array, slots: jax.Array, write: jax.Array, i: int
     ) -> jax.Array:
         """Write ``value`` at row ``slots[block]`` of ``history`` where ``write[block]``."""
-        seg = self.segments[i]
         old = self.gather_slot(history, slots, i)
         new = jnp.where(self.broadcast(write, i, value.ndim), value.astype(history.dtype), old)
-        if seg.rows is None:
-            return jax.lax.dynamic_update_index_in_dim(history, new, slots[seg.offset], 0)
-        idx = slots[seg.offset : seg.offset + seg.rows]
-        return history.at[idx, jnp.arange(seg.rows)].set(new, mode="drop")
+        idx = self.per_unit(slots, i)
+        if idx.ndim == 0:
+            return jax.lax.dynamic_update_index_in_dim(history, new, idx, 0)
+        return history.at[idx, jnp.arange(idx.shape[0])].set(new, mode="drop")
 
 
-def _replicated_like(x: jax.Array):
-    """A replicated output sharding for a contraction over ``x``'s dimensions.
+jax.tree_util.register_static(BlockLayout)
 
-    Where ``x`` is sharded over Explicit mesh axes (params sharded the ordinary
-    way), JAX needs to be told how a contraction over those axes is laid out:
-    a per-block dot product is a replicated scalar (an all-reduce of partial
-    sums). None elsewhere, which leaves the default.
-    """
-    s = jax.typeof(x).sharding
-    if not any(s.mesh._name_to_type[n] == jax.sharding.AxisType.Explicit
-               for n in jax.tree.leaves(tuple(s.spec))):
-        return None
-    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+
+def _row_width(runs: list[int]) -> int:
+    """The widest power-of-two row (at most :data:`MAX_ROW`) that pads ``runs`` by <= 1/128."""
+    total = sum(runs)
+    width = MAX_ROW
+    while width > 1:
+        pad = sum(-(-r // width) * width - r for r in runs)
+        if pad * 128 <= total:
+            break
+        width //= 2
+    return width
+
+
+def _flat_bucket(members: list[int], leaf_block: list[int], sizes: list[int], dtype) -> Bucket:
+    """A flat bucket of ``members``: each block's leaves contiguous, padded to whole rows."""
+    order = sorted(members, key=lambda i: (leaf_block[i], i))
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and leaf_block[runs[-1][0]] == leaf_block[i]:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    width = _row_width([sum(sizes[i] for i in run) for run in runs])
+    starts, unit_block, pos = [], [], 0
+    for run in runs:
+        first = pos
+        for i in run:
+            starts.append(pos)
+            pos += sizes[i]
+        rows = -(-(pos - first) // width)
+        unit_block += [leaf_block[run[0]]] * rows
+        pos = first + rows * width
+    return Bucket(tuple(order), tuple(starts), (len(unit_block), width), dtype, tuple(unit_block))
+
+
+def _buckets(leaves: list, leaf_block: list[int], sizes: list[int]) -> tuple[Bucket, ...]:
+    """One flat bucket per dtype of the unsharded leaves; one stacked bucket per
+    (shape, dtype, sharding) of the leaves the user sharded; in order of first leaf."""
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        s = _partitioned(x)
+        dtype = jnp.dtype(x.dtype)
+        key = ("flat", dtype) if s is None else ("stack", tuple(x.shape), dtype, s)
+        groups.setdefault(key, []).append(i)
+    out = []
+    for key, members in groups.items():
+        if key[0] == "flat":
+            out.append(_flat_bucket(members, leaf_block, sizes, key[1]))
+        else:
+            shape = (len(members),) + key[1]
+            out.append(Bucket(tuple(members), None, shape, key[2],
+                              tuple(leaf_block[i] for i in members)))
+    return tuple(out)
 
 
 def _label_name(label: Hashable) -> str:
@@ -337,11 +447,14 @@ def make_layout(params: Any, blocks: BlockSpec) -> BlockLayout:
         k = int(blocks.num_blocks)
         n_b = max(1, -(-total // k))
         block_sizes = tuple(max(0, min(n_b, total - r * n_b)) for r in range(k))
+        starts = tuple(int(s) for s in np.cumsum([0] + sizes[:-1]))
+        bucket = Bucket(tuple(range(len(leaves))), starts, (k, n_b), jnp.result_type(*dtypes),
+                        tuple(range(k)))
         return BlockLayout(
             treedef=treedef,
             shapes=shapes,
             dtypes=dtypes,
-            segments=(Segment(0, k),),
+            buckets=(bucket,),
             num_blocks=k,
             block_names=tuple(f"slice{r}" for r in range(k)),
             block_sizes=block_sizes,
@@ -378,15 +491,15 @@ def make_layout(params: Any, blocks: BlockSpec) -> BlockLayout:
     order: dict[Hashable, int] = {}
     for lab in labels:
         order.setdefault(lab, len(order))
-    segments = tuple(Segment(order[lab], None) for lab in labels)
+    leaf_block = [order[lab] for lab in labels]
     block_sizes = [0] * len(order)
-    for seg, size in zip(segments, sizes):
-        block_sizes[seg.offset] += size
+    for blk, size in zip(leaf_block, sizes):
+        block_sizes[blk] += size
     return BlockLayout(
         treedef=treedef,
         shapes=shapes,
         dtypes=dtypes,
-        segments=segments,
+        buckets=_buckets(leaves, leaf_block, sizes),
         num_blocks=len(order),
         block_names=tuple(_label_name(lab) for lab in order),
         block_sizes=tuple(block_sizes),

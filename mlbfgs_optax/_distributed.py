@@ -54,49 +54,34 @@ class Collectives:
 Step = Callable[..., tuple[list, ScaleByMLBFGSState]]
 
 
-def param_sharding(x) -> Optional[jax.sharding.Sharding]:
-    """The sharding a parameter leaf carries, when there is one to follow.
-
-    A concrete array's (or ``ShapeDtypeStruct``'s) ``NamedSharding``; under
-    ``jax.jit`` the sharding in the leaf's type, which only Explicit mesh axes
-    put there. None otherwise: one device (the state stays uncommitted, as
-    ``jnp.zeros`` makes it, so jit may place it), or GSPMD placing an Auto
-    program.
-    """
-    if isinstance(x, jax.core.Tracer):
-        s = jax.typeof(x).sharding
-        explicit = isinstance(s, NamedSharding) and any(
-            s.mesh._name_to_type[n] == jax.sharding.AxisType.Explicit
-            for n in jax.tree.leaves(tuple(s.spec)))
-        return s if explicit else None
-    s = getattr(x, "sharding", None)
-    return s if isinstance(s, NamedSharding) else None
-
-
-def zeros_like_param(x, shape: tuple, dtype) -> jax.Array:
-    """Zeros of ``shape`` (``x.shape`` behind unsharded leading axes), placed like ``x``."""
-    s = param_sharding(x)
+def zeros_like_bucket(x, bucket: _blocks.Bucket, shape: tuple, dtype) -> jax.Array:
+    """Zeros of ``shape`` (``bucket.shape`` behind unsharded leading axes) for a bucket
+    whose first parameter leaf is ``x``: placed like ``x``'s sharding when the bucket is
+    stacked (``P(None, ..., *spec)``), replicated on ``x``'s mesh when it is flat."""
+    s = _blocks.param_sharding(x)
     if s is None:
         return jnp.zeros(shape, dtype)
-    if isinstance(s, NamedSharding):
-        lead = len(shape) - len(x.shape)
-        s = NamedSharding(s.mesh, PartitionSpec(*(None,) * lead, *s.spec))
+    stacked = bucket.starts is None
     if isinstance(x, jax.core.Tracer):
         # Inside jit the sharding is part of the leaf's type: zeros_like keeps
-        # it and broadcasting adds the unsharded memory axis, with no need for a
-        # concrete mesh in context.
-        return jnp.broadcast_to(jnp.zeros_like(x, dtype=dtype), shape)
-    return jnp.zeros(shape, dtype, device=s)
+        # it and broadcasting adds the unsharded leading axes, with no need for
+        # a concrete mesh in context.
+        if stacked:
+            return jnp.broadcast_to(jnp.zeros_like(x, dtype=dtype), shape)
+        return jnp.zeros(shape, dtype, out_sharding=NamedSharding(s.mesh, PartitionSpec()))
+    spec = ((None,) * (len(shape) - len(x.shape)) + tuple(s.spec)) if stacked else ()
+    return jnp.zeros(shape, dtype, device=NamedSharding(s.mesh, PartitionSpec(*spec)))
 
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Base class: the state lives whole on every device (single device, GSPMD).
 
-    Params-shaped and history fields follow the sharding of the parameter leaf
-    they mirror (``"leaf"``, ``"all"`` and label blocks), so params sharded
-    FSDP- or tensor-parallel-style keep their optimizer state sharded the same
-    way, with an unsharded leading memory axis on the histories.
+    Params-shaped and history fields follow the sharding of the parameter
+    leaves they pack (``"leaf"``, ``"all"`` and label blocks): leaves sharded
+    FSDP- or tensor-parallel-style are stacked in buckets sharded
+    ``P(None, *spec)`` (histories ``P(None, None, *spec)``), so their optimizer
+    state stays sharded the same way; unsharded leaves are packed replicated.
     """
 
     def rows(self, layout: _blocks.BlockLayout) -> int:
@@ -107,13 +92,15 @@ class Placement:
         """The initial state; ``zeros(layout, make)`` builds it for a layout.
 
         ``make(j, shape, dtype)`` creates packed array ``j`` of a params-shaped
-        field; here it follows the sharding of params leaf ``j``.
+        field; here it follows the sharding of the params leaves of bucket ``j``.
         """
         if params is None or layout.slice_size is not None:
             return zeros(layout, None)
         leaves = layout.treedef.flatten_up_to(params)
-        state = zeros(layout, lambda j, shape, dtype: zeros_like_param(leaves[j], shape, dtype))
-        meshes = [s.mesh for s in map(param_sharding, leaves)
+        buckets = layout.buckets
+        state = zeros(layout, lambda j, shape, dtype: zeros_like_bucket(
+            leaves[buckets[j].leaves[0]], buckets[j], shape, dtype))
+        meshes = [s.mesh for s in map(_blocks.param_sharding, leaves)
                   if isinstance(s, NamedSharding) and not isinstance(leaves[0], jax.core.Tracer)]
         if not meshes:
             return state
@@ -264,12 +251,13 @@ def state_specs(state: ScaleByMLBFGSState, axis_name: Optional[str] = None,
     ``axis_name``, the params-shaped fields shard their block rows, the
     histories their second axis and the per-block fields their first. For the
     other layouts with ``params_specs`` (the params' own specs, a pytree like
-    params), every params-shaped field takes those specs and every history
-    adds an unsharded memory axis in front, as ``init`` places them. Every
-    other field is replicated.
+    params), every stacked bucket of a params-shaped field takes
+    ``P(None, *spec)`` of its leaves and of a history ``P(None, None, *spec)``,
+    as ``init`` places them. Every other array is replicated.
     """
     # Optional fields (None: e.g. ``nu`` without the metric) stay None.
-    table = {f: k for f, k in _state.FIELDS.items() if getattr(state, f) is not None}
+    table = {f: k for f, k in _state.FIELDS.items()
+             if getattr(state, f) is not None and k is not _state.Kind.LAYOUT}
     replicated = jax.tree.map(lambda _: PartitionSpec(), state)
     if _state.is_sliced(state):
         if axis_name is None:
@@ -283,11 +271,14 @@ def state_specs(state: ScaleByMLBFGSState, axis_name: Optional[str] = None,
         return replicated._replace(**{f: by_kind[k] for f, k in table.items()})
     if params_specs is None:
         return replicated
-    treedef = jax.tree.structure(state.params_avg)
-    leaves = treedef.flatten_up_to(params_specs)
-    params = treedef.unflatten(leaves)
-    history = treedef.unflatten([PartitionSpec(None, *s) for s in leaves])
-    by_kind = {_state.Kind.PARAMS: params, _state.Kind.HISTORY: history}
+    layout = state.layout
+    leaf_specs = layout.treedef.flatten_up_to(params_specs)
+
+    def packed(lead):
+        return [PartitionSpec(*(None,) * (lead + 1), *leaf_specs[b.leaves[0]])
+                if b.starts is None else PartitionSpec() for b in layout.buckets]
+
+    by_kind = {_state.Kind.PARAMS: packed(0), _state.Kind.HISTORY: packed(1)}
     return replicated._replace(**{f: by_kind[k] for f, k in table.items() if k in by_kind})
 
 
@@ -298,9 +289,10 @@ def state_partition_specs(opt_state: Any, axis_name: Optional[str] = None,
     Every :class:`ScaleByMLBFGSState` inside ``opt_state`` (e.g. the state of
     :func:`~mlbfgs_optax.mlbfgs`) gets the specs its ``init`` gives it: with
     :class:`~mlbfgs_optax.EqualSlices` blocks the block axis on ``axis_name``;
-    with ``"leaf"``, ``"all"`` or label blocks and ``params_specs``, the params'
-    specs on the params-shaped fields (as :func:`optax.tree.map_params` finds
-    them) and ``P(None, *spec)`` on the histories. Every other leaf is
+    with ``"leaf"``, ``"all"`` or label blocks and ``params_specs``, the
+    buckets that stack sharded params (``init`` stacks the leaves it finds
+    sharded, by shape) take ``P(None, *spec)`` of their leaves, and
+    ``P(None, None, *spec)`` in the histories. Every other leaf is
     replicated. Use it as ``in_specs``/``out_specs`` of :func:`jax.shard_map`
     or to build ``NamedSharding`` for ``jax.device_put``, ``out_shardings`` or
     a checkpoint restore target.
@@ -323,11 +315,13 @@ def state_partition_specs(opt_state: Any, axis_name: Optional[str] = None,
       ...     jax.eval_shape(opt.init, jnp.zeros(64)), "data")
       >>> specs[0].s_history == [P(None, "data")]
       True
-      >>> opt = mlbfgs_optax.mlbfgs(0.1)
-      >>> state = jax.eval_shape(opt.init, {"w": jnp.zeros((8, 4))})
+      >>> mesh = jax.make_mesh((1,), ("x",))
+      >>> w = jax.ShapeDtypeStruct((8, 4), jnp.float32,
+      ...                          sharding=jax.NamedSharding(mesh, P("x")))
+      >>> state = jax.eval_shape(mlbfgs_optax.mlbfgs(0.1).init, {"w": w})
       >>> specs = mlbfgs_optax.state_partition_specs(state, params_specs={"w": P("x")})
       >>> specs[0].grads_avg, specs[0].s_history
-      ({'w': P('x',)}, {'w': P(None, 'x')})
+      ([P(None, 'x')], [P(None, None, 'x')])
     """
     is_state = lambda x: isinstance(x, ScaleByMLBFGSState)
 

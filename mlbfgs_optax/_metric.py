@@ -133,8 +133,9 @@ def bounded(layout, d: list, g: list, bound, acc) -> list:
       >>> import jax.numpy as jnp, mlbfgs_optax
       >>> from mlbfgs_optax._metric import bounded
       >>> layout = mlbfgs_optax.make_layout(jnp.zeros(2), "all")
-      >>> d = bounded(layout, [jnp.array([30.0, 40.0])], [jnp.array([1.0, 0.0])], 3.0, jnp.float32)
-      >>> print([round(float(x), 4) for x in d[0]])
+      >>> pack = lambda v: layout.pack(jnp.array(v))
+      >>> d = bounded(layout, pack([30.0, 40.0]), pack([1.0, 0.0]), 3.0, jnp.float32)
+      >>> print([round(float(x), 4) for x in layout.unpack(d)])
       [1.8, 2.4]
     """
     bc = layout.broadcast

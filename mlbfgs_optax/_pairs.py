@@ -48,7 +48,7 @@ def candidate(layout, st: ScaleByMLBFGSState, bias_correction: bool, acc):
       ``(s, y)``, packed, in ``acc``.
     """
     c_theta, c_grad, c_snap_theta, c_snap_grad = _corrections(st, bias_correction, acc)
-    fields = lambda tree: _state.from_tree(layout, tree)
+    fields = lambda tree: tree
     s = [c_theta * a.astype(acc) - c_snap_theta * b.astype(acc)
          for a, b in zip(fields(st.params_avg), fields(st.params_snapshot))]
     y = [c_grad * a.astype(acc) - c_snap_grad * b.astype(acc)
@@ -70,7 +70,7 @@ def above_roundoff(layout, s, st: ScaleByMLBFGSState, bias_correction: bool, fac
       A boolean ``(B,)`` vector, False where the pair must be rejected.
     """
     c_theta = _corrections(st, bias_correction, acc)[0]
-    theta = [c_theta * a.astype(acc) for a in _state.from_tree(layout, st.params_avg)]
+    theta = [c_theta * a.astype(acc) for a in st.params_avg]
     floor = factor * jnp.finfo(acc).eps * layout.block_max_abs(theta, acc)
     return layout.block_max_abs(s, acc) > floor
 
@@ -219,8 +219,8 @@ def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok,
     the metric's coordinates), the newest slot and the pair count (the Gram
     matrices are written by :func:`store_gram_rows`).
     """
-    s_hist = _state.from_tree(layout, st.s_history)
-    y_hist = _state.from_tree(layout, st.y_history)
+    s_hist = st.s_history
+    y_hist = st.y_history
     s_hist = [layout.scatter_slot(h, v, slot, ok, j) for j, (h, v) in enumerate(zip(s_hist, s))]
     y_hist = [layout.scatter_slot(h, v, slot, ok, j)
               for j, (h, v) in enumerate(zip(y_hist, y_hat))]
@@ -229,8 +229,8 @@ def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok,
     rho = st.rho.at[blocks_idx, slot].set(jnp.where(ok, _numerics.safe_div(1.0, p.sy), old_rho))
 
     return st._replace(
-        s_history=_state.to_tree(layout, s_hist),
-        y_history=_state.to_tree(layout, y_hist),
+        s_history=s_hist,
+        y_history=y_hist,
         rho=rho,
         gamma=(jnp.where(ok, _numerics.safe_div(p.sy, p.yy, 1.0), st.gamma) if update_gamma
                else st.gamma),
@@ -266,8 +266,8 @@ def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     """:func:`pair_step`, Gram rows included: the new state."""
     new, stored = pair_step(layout, opts, h, dt, g, t, st, root_d, inv_lr)
     if opts.cache_gram:
-        rows, _ = gram_rows(layout, _state.from_tree(layout, new.s_history),
-                            _state.from_tree(layout, new.y_history), new.newest, None, dt.acc)
+        rows, _ = gram_rows(layout, new.s_history,
+                            new.y_history, new.newest, None, dt.acc)
         new = store_gram_rows(layout, new, rows, new.newest, stored)
     return new
 
@@ -294,8 +294,8 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
       stored (in slot ``state.newest``).
     """
     acc = dt.acc
-    s_hist = _state.from_tree(layout, st.s_history)
-    y_hist = _state.from_tree(layout, st.y_history)
+    s_hist = st.s_history
+    y_hist = st.y_history
     s, y = candidate(layout, st, opts.bias_correction, acc)
     if hvp is not None:
         y = [x.astype(acc) for x in hvp(s)]
@@ -323,8 +323,8 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     grads_avg = st.grads_avg
     if opts.refresh_grad_average:
         weights = weights.at[1].set(1 - h.beta)
-        grads_avg = _state.to_tree(layout, [
-            ((1 - h.beta) * x.astype(acc)).astype(d) for x, d in zip(g, dt.averages)])
+        grads_avg = [
+            ((1 - h.beta) * x.astype(acc)).astype(d) for x, d in zip(g, dt.averages)]
     # Diagnostics describe the last candidate whose numbers were finite.
     stats_ok = may_store & prod.finite & jnp.isfinite(damped.mu) & jnp.isfinite(damped.tau)
     keep = lambda new_value, old: jnp.where(stats_ok, new_value, old)

@@ -14,11 +14,14 @@ from mlbfgs_optax import _numerics
 class ScaleByMLBFGSState(NamedTuple):
     r"""State of :func:`scale_by_mlbfgs`.
 
-    Parameter-shaped fields are *packed* by the block layout: for ``"leaf"``,
-    ``"all"`` and label blocks they have the structure of params; for
-    :class:`~mlbfgs_optax.EqualSlices` they are a one-element list holding a
-    ``(num_blocks, block_size)`` array. ``B`` is the number of blocks and ``M``
-    the memory size.
+    Parameter-shaped fields are *packed* by the block layout (``layout``): a
+    list with one array per bucket of :class:`~mlbfgs_optax.BlockLayout`
+    (usually one: every parameter leaf of one dtype raveled into
+    ``(rows, row_width)``; leaves the user sharded are stacked by shape and
+    keep their sharding; :class:`~mlbfgs_optax.EqualSlices` gives one
+    ``(num_blocks, block_size)`` array). ``layout.unpack`` turns such a field
+    back into a params-shaped pytree (``layout.unpack(field, lead=1)`` for a
+    history). ``B`` is the number of blocks and ``M`` the memory size.
 
     Attributes:
       count: :math:`t`, the number of updates so far (int32 scalar).
@@ -57,6 +60,8 @@ class ScaleByMLBFGSState(NamedTuple):
         :math:`\nu \leftarrow \beta_2 \nu + (1-\beta_2) g \odot g`, packed like
         ``params_avg``; the metric :math:`D = 1/(\sqrt{\hat\nu} + \epsilon)`
         (``metric="adam"``). None with ``metric="identity"``.
+      layout: the :class:`~mlbfgs_optax.BlockLayout` of the packed fields
+        (static data: a pytree node without leaves).
     """
 
     count: jax.Array
@@ -79,6 +84,7 @@ class ScaleByMLBFGSState(NamedTuple):
     ss_gram: jax.Array
     avg_weights: jax.Array
     nu: Any
+    layout: Any
 
 
 class Kind(enum.Enum):
@@ -88,6 +94,7 @@ class Kind(enum.Enum):
     PARAMS = "params"  # mirrors the params, packed by the block layout
     HISTORY = "history"  # mirrors the params with a leading memory axis (M, ...)
     BLOCK = "block"  # a leading block axis (B, ...)
+    LAYOUT = "layout"  # static data, no arrays
 
 
 #: Every field of :class:`ScaleByMLBFGSState`, in order, with its :class:`Kind`.
@@ -113,6 +120,7 @@ FIELDS: dict[str, Kind] = {
     "ss_gram": Kind.BLOCK,
     "avg_weights": Kind.SCALAR,
     "nu": Kind.PARAMS,
+    "layout": Kind.LAYOUT,
 }
 assert tuple(FIELDS) == ScaleByMLBFGSState._fields
 
@@ -146,24 +154,6 @@ def dtypes(layout, history_dtype=None, averages_dtype=None) -> Dtypes:
     )
 
 
-def to_tree(layout, arrays: list) -> Any:
-    """Packed arrays -> the value of a params-shaped state field.
-
-    For ``"leaf"``, ``"all"`` and label layouts the field has the params'
-    structure; for :class:`~mlbfgs_optax.EqualSlices`, a one-element list.
-    """
-    if layout.slice_size is None:
-        return layout.treedef.unflatten(arrays)
-    return list(arrays)
-
-
-def from_tree(layout, tree: Any) -> list:
-    """A params-shaped state field -> its packed arrays (inverse of :func:`to_tree`)."""
-    if layout.slice_size is None:
-        return layout.treedef.flatten_up_to(tree)
-    return list(tree)
-
-
 def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes,
                 zeros=None, metric: bool = False) -> ScaleByMLBFGSState:
     """The initial state of the blocks of ``layout`` (all arrays distinct buffers).
@@ -179,7 +169,7 @@ def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes,
     zeros = zeros or (lambda j, shape, dtype: jnp.zeros(shape, dtype))
 
     def params(dts, lead=()):
-        return to_tree(layout, [zeros(j, lead + s, d) for j, (s, d) in enumerate(zip(packed, dts))])
+        return [zeros(j, lead + s, d) for j, (s, d) in enumerate(zip(packed, dts))]
 
     return ScaleByMLBFGSState(
         count=jnp.zeros([], jnp.int32),
@@ -202,17 +192,14 @@ def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes,
         ss_gram=jnp.zeros(gram, dt.acc),
         avg_weights=jnp.zeros((4,), dt.acc),
         nu=params(dt.averages) if metric else None,
+        layout=layout,
     )
 
 
 def is_sliced(state: ScaleByMLBFGSState) -> bool:
     """Whether ``state`` belongs to an :class:`~mlbfgs_optax.EqualSlices` layout with >1 block.
 
-    Exact, from an invariant of the layouts rather than from array shapes: a
-    ``"leaf"``, ``"all"`` or label layout has at most one block per parameter
-    leaf, so only ``EqualSlices(K)`` with ``K >= 2`` gives more blocks than the
-    params-shaped fields have leaves (its fields hold one ``(K, n_b)`` array).
     ``EqualSlices(1)`` has a single block, which no device axis of size > 1 can
-    split, so it is treated like the others.
+    split, so it is treated like the other layouts.
     """
-    return int(state.rho.shape[0]) > len(jax.tree.leaves(state.params_avg))
+    return state.layout.slice_size is not None and state.layout.num_blocks > 1

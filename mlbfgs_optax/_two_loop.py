@@ -145,21 +145,12 @@ def two_loop_recursion(
     References:
       Nocedal & Wright, *Numerical Optimization*, 2nd ed., Algorithm 7.4.
     """
-    leaves, treedef = jax.tree.flatten(updates)
-    layout = _blocks.BlockLayout(
-        treedef=treedef,
-        shapes=tuple(x.shape for x in leaves),
-        dtypes=tuple(x.dtype for x in leaves),
-        segments=tuple(_blocks.Segment(0, None) for _ in leaves),
-        num_blocks=1,
-        block_names=("all",),
-        block_sizes=(sum(x.size for x in leaves),),
-    )
+    layout = _blocks.make_layout(updates, "all")
     d = blockwise_two_loop(
         layout,
-        leaves,
-        treedef.flatten_up_to(s_history),
-        treedef.flatten_up_to(y_history),
+        layout.pack(updates),
+        layout.pack(s_history, lead=1),
+        layout.pack(y_history, lead=1),
         jnp.asarray(rho)[None],
         jnp.asarray(gamma).reshape(1),
         jnp.asarray(newest, jnp.int32).reshape(1),

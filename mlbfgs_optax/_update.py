@@ -59,31 +59,28 @@ def init(opts: Options, params: Any) -> ScaleByMLBFGSState:
     """The initial state for ``params`` (arrays or ``jax.ShapeDtypeStruct``).
 
     On optax's params placeholder (:func:`optax.tree.map_params` inits with it
-    to find the params-shaped parts of a state) the four averages and
-    snapshots are the placeholder and every other field, the histories
-    included, a :class:`_NotParams` leaf.
+    to find the params-shaped parts of a state) every field is a
+    :class:`_NotParams` leaf: the state holds packed arrays, none shaped like
+    params (:func:`~mlbfgs_optax.state_partition_specs` gives their specs).
     """
     if isinstance(params, _params_placeholder_type()):
-        state = ScaleByMLBFGSState(**{
-            f: params if k is _state.Kind.PARAMS else _NotParams()
-            for f, k in _state.FIELDS.items()})
+        state = ScaleByMLBFGSState(**{f: _NotParams() for f in _state.FIELDS})
         return state if opts.metric == "adam" else state._replace(nu=None)
     layout = _blocks.make_layout(params, opts.blocks)
     zeros = lambda lay, make: _state.zeros_state(lay, opts.memory_size, opts.cache_gram,
                                                  state_dtypes(opts, lay), make,
                                                  metric=opts.metric == "adam")
-    return opts.placement.init(layout, zeros, params)
+    return opts.placement.init(layout, zeros, params)._replace(layout=layout)
 
 
 def averages(layout, state: ScaleByMLBFGSState, g, theta, beta, finite, dt) -> ScaleByMLBFGSState:
     """Step 1: the EMAs of the params and updates, their weights and the count."""
 
-    def ema(avg_tree, xs):
-        avg = _state.from_tree(layout, avg_tree)
-        return _state.to_tree(layout, [
+    def ema(avg, xs):
+        return [
             jnp.where(finite, beta * a.astype(dt.acc) + (1 - beta) * x.astype(dt.acc), a).astype(d)
             for a, x, d in zip(avg, xs, dt.averages)
-        ])
+        ]
 
     w = state.avg_weights
     return state._replace(
@@ -96,8 +93,7 @@ def averages(layout, state: ScaleByMLBFGSState, g, theta, beta, finite, dt) -> S
 
 def direction(layout, g, st: ScaleByMLBFGSState, cache_gram: bool) -> list:
     """Step 3: :math:`d_b = H_b g_b` for every block (packed, accumulation dtype)."""
-    history = (layout, g, _state.from_tree(layout, st.s_history),
-               _state.from_tree(layout, st.y_history), st.rho, st.gamma, st.newest)
+    history = (layout, g, st.s_history, st.y_history, st.rho, st.gamma, st.newest)
     if cache_gram:
         return _two_loop.blockwise_two_loop_gram(*history, st.sy_gram, st.yy_gram)
     return _two_loop.blockwise_two_loop(*history)
@@ -174,8 +170,8 @@ def fused_direction(layout, opts: Options, h: Hyperparams, whiten, products,
     every pass that needs :math:`q` calls it, so that XLA computes :math:`q`
     inside that pass instead of storing it.
     """
-    s_hist = _state.from_tree(layout, st.s_history)
-    y_hist = _state.from_tree(layout, st.y_history)
+    s_hist = st.s_history
+    y_hist = st.y_history
     sg, yg, gg, c = _direction.safe_products(layout, whiten, s_hist, y_hist, products, acc)
     coef_s, coef_y = _two_loop.gram_coefficients(sg, yg, st.rho, st.gamma, st.newest,
                                                  st.sy_gram, st.yy_gram, acc)
@@ -208,9 +204,9 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
     new = averages(layout, state, g, theta, h.beta, finite, dt)
     inv_lr = None
     if opts.metric == "adam":
-        nu = _metric.second_moment(_state.from_tree(layout, state.nu), g, h.metric_decay,
+        nu = _metric.second_moment(state.nu, g, h.metric_decay,
                                    finite, dt.averages)
-        new = new._replace(nu=_state.to_tree(layout, nu))
+        new = new._replace(nu=nu)
         eta = learning_rate_at(opts, h, state.count, dt.acc)
         inv_lr = jnp.where(eta > 0, 1.0 / jnp.where(eta > 0, eta, 1.0), 0.0)
 
@@ -240,8 +236,8 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
         # product and updates in place), one matrix product per history: on a pair step
         # against [s_new, y_new, q] (the new Gram rows and the direction's products), on
         # an ordinary step against q alone.
-        s_hist = _state.from_tree(layout, new.s_history)
-        y_hist = _state.from_tree(layout, new.y_history)
+        s_hist = new.s_history
+        y_hist = new.y_history
         zeros = jnp.zeros_like(state.rho, dtype=dt.acc)
 
         @jax.named_scope("pair_products")
@@ -285,30 +281,32 @@ def hessian_vector(layout, grad_fn, params):
     return hvp
 
 
-def _step(opts: Options, layout, h: Hyperparams, updates, state, params, grad_fn=None):
-    """A validated update: pack, run the placement's step, unpack."""
-    g_leaves = layout.treedef.flatten_up_to(updates)
+def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
+    """A validated update: pack, run the placement's step, unpack.
+
+    Everything between the packing and the unpacking works on the layout's
+    few packed arrays, so the program's size does not grow with the number
+    of parameter leaves.
+    """
+    layout = state.layout
+    g_dtypes = [x.dtype for x in layout.treedef.flatten_up_to(updates)]
     g = layout.pack(updates)
     theta = layout.pack(params)
-    # One max-reduction per leaf and no parameter-sized temporary: max propagates NaN.
-    # In the widest dtype of the updates (a float64 of 1e300 is finite).
-    wide = _numerics.accumulation_dtype(*(x.dtype for x in g))
-    finite = jnp.isfinite(functools.reduce(
-        jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0).astype(wide) for x in g]))
+    # max propagates NaN; every packed array holds its leaves' values exactly.
+    finite = jnp.all(jnp.stack([jnp.isfinite(jnp.max(jnp.abs(x), initial=0.0)) for x in g]))
     hvp = None if grad_fn is None else hessian_vector(layout, grad_fn, params)
     step = functools.partial(local_step, opts, h, hvp=hvp)
     d, new = opts.placement.run(step, layout, g, theta, state, finite)
-    out = layout.unpack(d, dtypes=[x.dtype for x in g_leaves])
-    out = jax.tree.map(lambda o, u: jnp.where(finite, o, u), out, updates)
-    return out, new
+    d = [jnp.where(finite, o, x.astype(o.dtype)) for o, x in zip(d, g)]
+    return layout.unpack(d, dtypes=g_dtypes), new
 
 
 # Called eagerly, the step compiles once per (options, layout, hyperparameters)
 # instead of re-tracing its scans and cond on every call, as jnp's own functions
 # do; under the caller's jit it is inlined. Concrete hyperparameters are
 # compile-time constants; traced ones (inject_hyperparams) are arguments.
-_step_static_hyper = jax.jit(_step, static_argnums=(0, 1, 2))
-_step_traced_hyper = jax.jit(_step, static_argnums=(0, 1))
+_step_static_hyper = jax.jit(_step, static_argnums=(0, 1))
+_step_traced_hyper = jax.jit(_step, static_argnums=(0,))
 
 
 def update(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
@@ -317,49 +315,46 @@ def update(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     With ``grad_fn`` (``curvature="hessian_vector"``) the step is traced in
     the caller's trace: ``grad_fn`` closes over the caller's batch.
     """
-    layout = _blocks.make_layout(params, opts.blocks)
-    check_structure(opts, layout, updates, state)
+    check_structure(opts, updates, state, params)
     if grad_fn is not None:
-        return _step(opts, layout, h, updates, state, params, grad_fn)
+        return _step(opts, h, updates, state, params, grad_fn)
     concrete = all(x is None or is_number(x) for x in h)
     step = _step_static_hyper if concrete else _step_traced_hyper
-    return step(opts, layout, h, updates, state, params)
+    return step(opts, h, updates, state, params)
 
 
-def check_structure(opts: Options, layout, updates, state: ScaleByMLBFGSState) -> None:
+def check_structure(opts: Options, updates, state: ScaleByMLBFGSState, params) -> None:
     """Raises a ValueError when updates, state and params do not fit together."""
+    layout = state.layout
+    if not isinstance(layout, _blocks.BlockLayout):
+        raise ValueError(
+            "scale_by_mlbfgs: the state holds no block layout; was it made by this "
+            "optimizer's init?")
+    for name, tree in (("params", params), ("updates", updates)):
+        try:
+            leaves = layout.treedef.flatten_up_to(tree)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"scale_by_mlbfgs: {name} and the optimizer state have different tree "
+                f"structures; was the state made by init on these params?\n"
+                f"  state:  {layout.treedef}\n  {name}: {jax.tree.structure(tree)}"
+            ) from e
+        for i, (x, shape) in enumerate(zip(leaves, layout.shapes)):
+            if tuple(x.shape) != shape:
+                raise ValueError(
+                    f"scale_by_mlbfgs: {name} leaf #{i} has shape {tuple(x.shape)}, but the "
+                    f"optimizer state was made for {shape}; was the state made by init on "
+                    "these params?"
+                )
     rows = opts.placement.rows(layout)
     expected = [shape for shape, _ in layout.packed_shapes()]
     if rows != layout.num_blocks:
         expected = [(rows,) + expected[0][1:]]
-    expected_tree = (layout.treedef if layout.slice_size is None
-                     else jax.tree.structure([0]))
-    state_avg = jax.tree.leaves(state.params_avg)
-    if (jax.tree.structure(state.params_avg) != expected_tree
-            or [tuple(x.shape) for x in state_avg] != expected):
+    got = [tuple(x.shape) for x in state.params_avg]
+    if got != expected or state.rho.shape != (rows, opts.memory_size):
         raise ValueError(
-            "scale_by_mlbfgs: params do not match the optimizer state; was the state "
-            "made by init on these params?\n"
-            f"  state:  {jax.tree.structure(state.params_avg)} with shapes "
-            f"{[tuple(x.shape) for x in state_avg]}\n"
-            f"  params: {expected_tree} with shapes {expected}"
+            f"scale_by_mlbfgs: the state holds packed arrays {got} and {state.rho.shape[0]} "
+            f"blocks of memory {state.rho.shape[1]}, but this optimizer expects {expected} "
+            f"and {rows} blocks of memory {opts.memory_size}; was the state made by init "
+            "of this optimizer?"
         )
-    if state.rho.shape != (rows, opts.memory_size):
-        raise ValueError(
-            f"scale_by_mlbfgs: the state holds {state.rho.shape[0]} blocks of memory "
-            f"{state.rho.shape[1]}, but params give {layout.num_blocks} blocks of memory "
-            f"{opts.memory_size}; was the state made by init on the same params?"
-        )
-    try:
-        g_leaves = layout.treedef.flatten_up_to(updates)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            "scale_by_mlbfgs: updates and params have different tree structures.\n"
-            f"  params:  {layout.treedef}\n  updates: {jax.tree.structure(updates)}"
-        ) from e
-    for i, (x, shape) in enumerate(zip(g_leaves, layout.shapes)):
-        if tuple(x.shape) != shape:
-            raise ValueError(
-                f"scale_by_mlbfgs: updates leaf #{i} has shape {tuple(x.shape)}, "
-                f"params has {shape}."
-            )

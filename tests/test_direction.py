@@ -65,18 +65,19 @@ def test_safe_products_rescale_only_out_of_range():
     """q^T q in range: the products as taken and c = 1; q of 1e200 (q^T q overflows): retaken
     of q / c with c a power of two near max|q|, and the direction's coefficients scale back."""
     layout = _blocks.make_layout(jnp.zeros(4), "all")
-    s_hist = [jnp.asarray([[1.0, 2.0, 0.0, 1.0]])]
-    y_hist = [jnp.asarray([[2.0, 1.0, 1.0, 0.0]])]
-    whiten = lambda q: (lambda: ([q], None))
+    s_hist = layout.pack(jnp.asarray([[1.0, 2.0, 0.0, 1.0]]), lead=1)
+    y_hist = layout.pack(jnp.asarray([[2.0, 1.0, 1.0, 0.0]]), lead=1)
+    whiten = lambda q: (lambda: (layout.pack(q), None))
     q = jnp.asarray([1.0, -1.0, 0.5, 2.0])
-    products = (*_direction.history_products(layout, [q], s_hist, y_hist, jnp.float64),
-                layout.block_dot([q], [q], jnp.float64))
+    products = (*_direction.history_products(layout, layout.pack(q), s_hist, y_hist, jnp.float64),
+                layout.block_dot(layout.pack(q), layout.pack(q), jnp.float64))
     sg, yg, gg, c = _direction.safe_products(layout, whiten(q), s_hist, y_hist, products,
                                              jnp.float64)
     assert float(c[0]) == 1.0 and float(gg[0]) == float(q @ q)
     big = q * 1e200
-    products = (*_direction.history_products(layout, [big], s_hist, y_hist, jnp.float64),
-                layout.block_dot([big], [big], jnp.float64))
+    products = (*_direction.history_products(layout, layout.pack(big), s_hist, y_hist,
+                                             jnp.float64),
+                layout.block_dot(layout.pack(big), layout.pack(big), jnp.float64))
     assert not np.isfinite(float(products[2][0]))
     sg2, yg2, gg2, c2 = _direction.safe_products(layout, whiten(big), s_hist, y_hist, products,
                                                  jnp.float64)

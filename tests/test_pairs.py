@@ -41,18 +41,16 @@ def _setup(blocks="leaf", seed=0, **kw):
 
 
 def _flat(layout, packed, block):
-    """Block ``block`` of a packed list as one NumPy vector."""
+    """Block ``block`` of a packed list as one NumPy vector (its units, padding included)."""
     parts = []
-    for x, seg in zip(packed, layout.segments):
-        if seg.rows is None and seg.offset == block:
-            parts.append(np.ravel(np.asarray(x)))
-        elif seg.rows is not None and seg.offset <= block < seg.offset + seg.rows:
-            parts.append(np.ravel(np.asarray(x)[block - seg.offset]))
+    for x, bucket in zip(packed, layout.buckets):
+        x = np.asarray(x)
+        parts += [np.ravel(x[u]) for u, blk in enumerate(bucket.unit_block) if blk == block]
     return np.concatenate(parts)
 
 
 def _field(layout, tree, block):
-    return _flat(layout, _state.from_tree(layout, tree), block)
+    return _flat(layout, tree, block)
 
 
 @pytest.mark.parametrize("bias_correction", [True, False])
@@ -72,8 +70,8 @@ def test_pair_momentum_mixes_newest_pair_only_where_history_exists():
     layout, _, _, dt, st, rng = _setup()
     s, y = _pairs.candidate(layout, st, True, dt.acc)
     hist = lambda tree: jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), tree)
-    s_hist = _state.from_tree(layout, hist(st.s_history))
-    y_hist = _state.from_tree(layout, hist(st.y_history))
+    s_hist = hist(st.s_history)
+    y_hist = hist(st.y_history)
     newest = jnp.asarray([2, 0])
     num_pairs = jnp.asarray([1, 0])  # block 1 has no pair yet
     s2, y2 = _pairs.with_pair_momentum(layout, s, y, s_hist, y_hist, newest, num_pairs, 0.9,
@@ -112,8 +110,7 @@ def test_damp_yy_bound_lowers_tau():
 def test_products_and_gram_rows_against_numpy():
     layout, _, _, dt, st, rng = _setup()
     s, y = _pairs.candidate(layout, st, True, dt.acc)
-    hist = lambda tree: _state.from_tree(
-        layout, jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), tree))
+    hist = lambda tree: jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), tree)
     s_hist, y_hist = hist(st.s_history), hist(st.y_history)
     q = [jnp.asarray(rng.normal(size=x.shape)) for x in s]
     slot = jnp.asarray([1, 2])
@@ -159,11 +156,11 @@ def test_store_writes_ring_slot_rho_gamma_and_gram_only_where_accepted():
     p = _pairs.products(layout, s, y, dt.acc)
     ok = jnp.asarray([True, False])
     new = _pairs.store(layout, st, s, y, p, slot, ok)
-    rows, _ = _pairs.gram_rows(layout, _state.from_tree(layout, new.s_history),
-                               _state.from_tree(layout, new.y_history), slot, None, dt.acc)
+    rows, _ = _pairs.gram_rows(layout, new.s_history, new.y_history, slot, None, dt.acc)
     new = _pairs.store_gram_rows(layout, new, rows, slot, ok)
-    np.testing.assert_allclose(np.asarray(new.s_history["a"][0]), np.asarray(s[0]))
-    assert float(jnp.abs(new.s_history["b"]).max()) == 0.0  # rejected: untouched
+    s_hist = layout.unpack(new.s_history, lead=1)
+    np.testing.assert_allclose(np.asarray(s_hist["a"][0]), np.asarray(layout.unpack(s)["a"]))
+    assert float(jnp.abs(s_hist["b"]).max()) == 0.0  # rejected: untouched
     np.testing.assert_allclose(float(new.rho[0, 0]), 1.0 / float(p.sy[0]))
     np.testing.assert_allclose(float(new.gamma[0]), float(p.sy[0] / p.yy[0]))
     assert float(new.rho[1, 0]) == 0.0 and float(new.gamma[1]) == 1.0
@@ -179,9 +176,9 @@ def test_form_pair_takes_snapshot_counts_skips_and_refreshes():
     g = layout.pack({"a": jnp.ones((2, 3)), "b": jnp.ones(4)})
     first = _pairs.form_pair(layout, opts, h, dt, g, jnp.asarray(1), st)  # t < T: no pair
     assert first.num_pairs.tolist() == [0, 0] and first.num_skipped.tolist() == [0, 0]
-    np.testing.assert_allclose(np.asarray(first.params_snapshot["a"]),
-                               np.asarray(st.params_avg["a"]))
-    np.testing.assert_allclose(np.asarray(first.grads_avg["b"]), 0.1)  # (1 - beta) g
+    np.testing.assert_allclose(np.asarray(layout.unpack(first.params_snapshot)["a"]),
+                               np.asarray(layout.unpack(st.params_avg)["a"]))
+    np.testing.assert_allclose(np.asarray(layout.unpack(first.grads_avg)["b"]), 0.1)  # (1-beta) g
     np.testing.assert_allclose(np.asarray(first.avg_weights), [0.9, 0.1, 0.9, 0.8])
     later = _pairs.form_pair(layout, opts, h, dt, g, jnp.asarray(3), st)
     assert (later.num_pairs + later.num_skipped).tolist() == [1, 1]
@@ -189,14 +186,14 @@ def test_form_pair_takes_snapshot_counts_skips_and_refreshes():
 
 def test_above_roundoff_compares_s_with_the_rounding_of_the_parameter_average():
     layout, opts, h, dt, st, _ = _setup()
-    theta_bar = [np.asarray(x) / 0.9 for x in _state.from_tree(layout, st.params_avg)]
+    theta_bar = [_flat(layout, st.params_avg, b) / 0.9 for b in range(2)]
     floor = [100 * np.finfo(np.float64).eps * np.abs(x).max() for x in theta_bar]
-    s = [jnp.full((2, 3), 0.5 * floor[0]), jnp.full(4, 2.0 * floor[1])]
+    s = layout.pack({"a": jnp.full((2, 3), 0.5 * floor[0]), "b": jnp.full(4, 2.0 * floor[1])})
     ok = _pairs.above_roundoff(layout, s, st, True, 100.0, dt.acc)
     assert ok.tolist() == [False, True]
     # In form_pair, the rejected block stores nothing and counts a skip.
     opts, h = _setup(roundoff_rejection=1e20)[1:3]
-    new = _pairs.form_pair(layout, opts, h, dt, _state.from_tree(layout, st.grads_avg), 5, st)
+    new = _pairs.form_pair(layout, opts, h, dt, st.grads_avg, 5, st)
     assert new.num_pairs.tolist() == [0, 0] and new.num_skipped.tolist() == [1, 1]
 
 
@@ -205,14 +202,15 @@ def test_pair_step_with_hvp_stores_the_hessian_times_s():
     layout, opts, h, dt, st, rng = _setup(sigma_low=-np.inf, sigma_high=np.inf)
     mats = [rng.normal(size=(6, 6)), rng.normal(size=(4, 4))]
     mats = [a @ a.T + 6 * np.eye(len(a)) for a in mats]  # SPD: every pair is accepted
-    hvp = lambda v: [jnp.asarray(a @ np.ravel(x)).reshape(x.shape) for a, x in zip(mats, v)]
-    g = _state.from_tree(layout, st.grads_avg)
+    hvp = lambda v: layout.pack({k: jnp.asarray(a @ np.ravel(x)).reshape(x.shape)
+                                 for a, (k, x) in zip(mats, sorted(layout.unpack(v).items()))})
+    g = st.grads_avg
     new, stored = _pairs.pair_step(layout, opts, h, dt, g, jnp.asarray(5), st, hvp=hvp)
     assert stored.tolist() == [True, True]
     s, _ = _pairs.candidate(layout, st, True, dt.acc)
     for b, a in enumerate(mats):
         s_b = _flat(layout, s, b)
-        np.testing.assert_allclose(_flat(layout, [x[0] for x in _state.from_tree(
-            layout, new.s_history)], b), s_b, rtol=1e-12)
-        np.testing.assert_allclose(_flat(layout, [x[0] for x in _state.from_tree(
-            layout, new.y_history)], b), a @ s_b, rtol=1e-12)
+        np.testing.assert_allclose(_flat(layout, [x[0] for x in new.s_history], b), s_b,
+                                   rtol=1e-12)
+        np.testing.assert_allclose(_flat(layout, [x[0] for x in new.y_history], b), a @ s_b,
+                                   rtol=1e-12)

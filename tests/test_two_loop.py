@@ -104,9 +104,9 @@ def test_blockwise_equals_each_block_alone():
     sv, yv, rv = _ring(pairs_v, memory, 2)
     g = {"u": rng.normal(size=4), "v": rng.normal(size=3)}
     with jax.enable_x64(True):
-        pk = lambda t: layout.pack(jax.tree.map(jnp.asarray, t))
+        pk = lambda t, lead=0: layout.pack(jax.tree.map(jnp.asarray, t), lead)
         d = _two_loop.blockwise_two_loop(
-            layout, pk(g), pk({"u": su, "v": sv}), pk({"u": yu, "v": yv}),
+            layout, pk(g), pk({"u": su, "v": sv}, 1), pk({"u": yu, "v": yv}, 1),
             jnp.asarray(np.stack([ru, rv])), jnp.asarray([0.5, 2.0]), jnp.asarray([0, 2]))
         d = layout.unpack(d)
     np.testing.assert_allclose(d["u"], dense_bfgs_inverse(pairs_u, 0.5, 4) @ g["u"], rtol=1e-10)
