@@ -242,7 +242,7 @@ def _fmt(x, spec=".2f"):
 
 
 def checks(r: dict) -> list[tuple[str, float, float, bool]]:
-    """The issue's targets: (what, measured, limit, met)."""
+    """The project's targets for the update's cost: (what, measured, limit, met)."""
     by = {x["name"]: x for x in r["rows"]}
     m10, m1 = by["scale_by_mlbfgs M=10"], by["scale_by_mlbfgs M=1"]
     bf16, t1 = by["scale_by_mlbfgs bfloat16 history"], by["scale_by_mlbfgs T=1"]
