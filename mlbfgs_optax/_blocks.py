@@ -136,6 +136,7 @@ class BlockLayout:
 
     Attributes:
       treedef: tree structure of the parameters.
+      paths: the key path of every parameter leaf (``jax.tree_util.keystr``).
       shapes: shape of every parameter leaf.
       dtypes: dtype of every parameter leaf.
       buckets: the packed arrays (:class:`Bucket`).
@@ -147,6 +148,7 @@ class BlockLayout:
     """
 
     treedef: Any
+    paths: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[Any, ...]
     buckets: tuple[Bucket, ...]
@@ -208,6 +210,35 @@ class BlockLayout:
             for i, part in zip(b.leaves, parts[1::2]):
                 leaves[i] = part.reshape(front + self.shapes[i]).astype(dtypes[i])
         return self.treedef.unflatten(leaves)
+
+    def for_tree(self, tree: Any, name: str = "params") -> "BlockLayout":
+        """This layout for ``tree``, whose leaves must have this layout's paths and shapes.
+
+        ``tree``'s own structure may differ from :attr:`treedef` only by nodes
+        that add no key to a path (e.g. ``flax.nnx`` variables, which
+        ``nnx.Optimizer`` strips between ``init`` and ``update``); the layout
+        returned packs and unpacks with ``tree``'s structure.
+
+        Raises:
+          ValueError: when the paths or shapes differ.
+        """
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        if treedef == self.treedef:
+            paths = self.paths
+        else:
+            paths = tuple(_path_name(p) for p, _ in flat)
+            if paths != self.paths:
+                raise ValueError(
+                    f"scale_by_mlbfgs: {name} and the optimizer state have different tree "
+                    f"structures; was the state made by init on these params?\n"
+                    f"  state:  {self.treedef}\n  {name}: {treedef}")
+        for path, (_, x), shape in zip(paths, flat, self.shapes):
+            if tuple(x.shape) != shape:
+                raise ValueError(
+                    f"scale_by_mlbfgs: {name} leaf {path} has shape {tuple(x.shape)}, but the "
+                    f"optimizer state was made for {shape}; was the state made by init on "
+                    "these params?")
+        return self if treedef == self.treedef else dataclasses.replace(self, treedef=treedef)
 
     def packed_shapes(self) -> list[tuple[tuple[int, ...], Any]]:
         """(shape, dtype) of every packed array."""
@@ -452,6 +483,7 @@ def make_layout(params: Any, blocks: BlockSpec) -> BlockLayout:
                         tuple(range(k)))
         return BlockLayout(
             treedef=treedef,
+            paths=tuple(_path_name(p) for p in paths),
             shapes=shapes,
             dtypes=dtypes,
             buckets=(bucket,),
@@ -497,6 +529,7 @@ def make_layout(params: Any, blocks: BlockSpec) -> BlockLayout:
         block_sizes[blk] += size
     return BlockLayout(
         treedef=treedef,
+        paths=tuple(_path_name(p) for p in paths),
         shapes=shapes,
         dtypes=dtypes,
         buckets=_buckets(leaves, leaf_block, sizes),

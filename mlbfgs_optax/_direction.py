@@ -36,7 +36,7 @@ from mlbfgs_optax import _numerics
 #: Unroll the combining pass over the M slots up to this memory size (one
 #: elementwise fusion that reads each history row once); beyond it, one
 #: contraction per history.
-MAX_UNROLLED_MEMORY = 32
+MAX_UNROLLED_MEMORY = 0
 
 
 def _in_range(x: jax.Array, acc) -> jax.Array:

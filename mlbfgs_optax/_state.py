@@ -86,6 +86,25 @@ class ScaleByMLBFGSState(NamedTuple):
     nu: Any
     layout: Any
 
+    def unpacked(self, name: str) -> Any:
+        """The packed field ``name`` as a params-shaped pytree, in the field's dtypes.
+
+        A history has a leading memory axis ``M`` on every leaf. For a state
+        whose blocks are shared over devices, this device's rows only.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, mlbfgs_optax
+          >>> tx = mlbfgs_optax.scale_by_mlbfgs(memory_size=3)
+          >>> state = tx.init({'w': jnp.zeros((2, 3)), 'b': jnp.zeros(3)})
+          >>> jax.tree.map(jnp.shape, state.unpacked('s_history'))
+          {'b': (3, 3), 'w': (3, 2, 3)}
+        """
+        packed = getattr(self, name)
+        lead = 1 if FIELDS[name] is Kind.HISTORY else 0
+        dtype_of = {i: x.dtype for b, x in zip(self.layout.buckets, packed) for i in b.leaves}
+        dtypes = [dtype_of[i] for i in range(len(self.layout.shapes))]
+        return self.layout.unpack(packed, dtypes=dtypes, lead=lead)
+
 
 class Kind(enum.Enum):
     """How a state field is laid out; the one table below says it per field."""

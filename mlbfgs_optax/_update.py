@@ -288,17 +288,33 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     few packed arrays, so the program's size does not grow with the number
     of parameter leaves.
     """
-    layout = state.layout
-    g_dtypes = [x.dtype for x in layout.treedef.flatten_up_to(updates)]
-    g = layout.pack(updates)
-    theta = layout.pack(params)
-    # max propagates NaN; every packed array holds its leaves' values exactly.
-    finite = jnp.all(jnp.stack([jnp.isfinite(jnp.max(jnp.abs(x), initial=0.0)) for x in g]))
+    layout = state.layout.for_tree(params)
+    g_leaves = layout.treedef.flatten_up_to(updates)
+    g_dtypes = [x.dtype for x in g_leaves]
+    # One max-reduction per leaf (max propagates NaN), in the widest dtype of
+    # the updates (a float64 of 1e300 is finite): kernels alike for leaves alike.
+    wide = _numerics.accumulation_dtype(*g_dtypes)
+    finite = jnp.isfinite(functools.reduce(
+        jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0).astype(wide) for x in g_leaves]))
+    # Packed in a loop of zero or one trip: the concatenations are computed once
+    # into their buffers, not copied into every fusion that reads them. A step
+    # that is not finite passes its updates through and leaves the state as it
+    # was, so zeros serve it. The loop also hands back ``finite`` as a buffer of
+    # its own, so that no later kernel recomputes its chain over the leaves.
+    zeros = [jnp.zeros(s, d) for s, d in layout.packed_shapes()]
+    g, theta, finite = _numerics.at_most_once(
+        finite, lambda _: (layout.pack(updates), layout.pack(params), jnp.asarray(True)),
+        (zeros, zeros, jnp.asarray(False)))
     hvp = None if grad_fn is None else hessian_vector(layout, grad_fn, params)
     step = functools.partial(local_step, opts, h, hvp=hvp)
     d, new = opts.placement.run(step, layout, g, theta, state, finite)
-    d = [jnp.where(finite, o, x.astype(o.dtype)) for o, x in zip(d, g)]
-    return layout.unpack(d, dtypes=g_dtypes), new
+    # Likewise the direction is computed once into its packed buffers (as a loop
+    # of zero or one trip) and only then split per leaf: else XLA would copy its
+    # whole computation into the fusion of every leaf it is split into. Where
+    # the step is not finite, the updates pass through as they came.
+    d = _numerics.at_most_once(finite, lambda _: d, [jnp.zeros_like(x) for x in d])
+    out = layout.unpack(d, dtypes=g_dtypes)
+    return jax.tree.map(lambda o, u: jnp.where(finite, o, u), out, updates), new
 
 
 # Called eagerly, the step compiles once per (options, layout, hyperparameters)
@@ -325,27 +341,23 @@ def update(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
 
 def check_structure(opts: Options, updates, state: ScaleByMLBFGSState, params) -> None:
     """Raises a ValueError when updates, state and params do not fit together."""
-    layout = state.layout
-    if not isinstance(layout, _blocks.BlockLayout):
+    if not isinstance(state.layout, _blocks.BlockLayout):
         raise ValueError(
             "scale_by_mlbfgs: the state holds no block layout; was it made by this "
             "optimizer's init?")
-    for name, tree in (("params", params), ("updates", updates)):
-        try:
-            leaves = layout.treedef.flatten_up_to(tree)
-        except (ValueError, TypeError) as e:
+    layout = state.layout.for_tree(params)
+    try:
+        g_leaves = layout.treedef.flatten_up_to(updates)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "scale_by_mlbfgs: updates and params have different tree structures.\n"
+            f"  params:  {layout.treedef}\n  updates: {jax.tree.structure(updates)}"
+        ) from e
+    for path, x, shape in zip(layout.paths, g_leaves, layout.shapes):
+        if tuple(x.shape) != shape:
             raise ValueError(
-                f"scale_by_mlbfgs: {name} and the optimizer state have different tree "
-                f"structures; was the state made by init on these params?\n"
-                f"  state:  {layout.treedef}\n  {name}: {jax.tree.structure(tree)}"
-            ) from e
-        for i, (x, shape) in enumerate(zip(leaves, layout.shapes)):
-            if tuple(x.shape) != shape:
-                raise ValueError(
-                    f"scale_by_mlbfgs: {name} leaf #{i} has shape {tuple(x.shape)}, but the "
-                    f"optimizer state was made for {shape}; was the state made by init on "
-                    "these params?"
-                )
+                f"scale_by_mlbfgs: updates leaf {path} has shape {tuple(x.shape)}, "
+                f"params has {shape}.")
     rows = opts.placement.rows(layout)
     expected = [shape for shape, _ in layout.packed_shapes()]
     if rows != layout.num_blocks:

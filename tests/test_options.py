@@ -144,4 +144,4 @@ def test_mlbfgs_forwards_every_scale_by_mlbfgs_argument_with_the_same_default():
     st = mlbfgs_optax.mlbfgs(0.1, memory_size=3, cache_gram=False,
                              history_dtype=jnp.bfloat16).init(jnp.ones(4))
     assert st[0].rho.shape == (1, 3) and st[0].sy_gram.shape == (1, 0, 0)
-    assert st[0].s_history.dtype == jnp.bfloat16
+    assert st[0].s_history[0].dtype == jnp.bfloat16
