@@ -83,8 +83,8 @@ def _check_pairs(st: mlbfgs_optax.ScaleByMLBFGSState):
     rho = np.asarray(st.rho, np.float64)
     assert np.all(np.isfinite(rho)) and np.all(rho >= 0), rho
     np.testing.assert_array_equal((rho > 0).sum(axis=1), np.asarray(st.num_pairs))
-    s_leaves = jax.tree.leaves(st.s_history)
-    y_leaves = jax.tree.leaves(st.y_history)
+    s_leaves = jax.tree.leaves(st.unpacked("s_history"))
+    y_leaves = jax.tree.leaves(st.unpacked("y_history"))
     assert len(s_leaves) == rho.shape[0]
     for b, (s, y) in enumerate(zip(s_leaves, y_leaves)):
         s = np.asarray(s, np.float64).reshape(s.shape[0], -1)
@@ -368,7 +368,7 @@ def test_frozen_block(beta):
         assert int(st.num_skipped[blocks["b"]]) > 0
         np.testing.assert_array_equal(np.asarray(st.rho[blocks["b"]]), 0.0)
         # No pair: d_b = D g_b, RMSprop's step in the default metric.
-        nu_hat = np.asarray(st.nu["b"]) / (1 - 0.999 ** int(st.count))
+        nu_hat = np.asarray(st.unpacked("nu")["b"]) / (1 - 0.999 ** int(st.count))
         np.testing.assert_allclose(np.asarray(u["b"]),
                                    np.asarray(g["b"]) / (np.sqrt(nu_hat) + 1e-8), rtol=1e-5)
 
@@ -522,7 +522,8 @@ def test_bfloat16_history_rho_matches_stored_pairs():
         _check_invariants(st, g, u)
         p = jax.tree.map(lambda a, b: a - 0.02 * b, p, u)
     assert st.rho.dtype == jnp.float32
-    for b, (s, y) in enumerate(zip(jax.tree.leaves(st.s_history), jax.tree.leaves(st.y_history))):
+    for b, (s, y) in enumerate(zip(jax.tree.leaves(st.unpacked("s_history")),
+                                   jax.tree.leaves(st.unpacked("y_history")))):
         assert s.dtype == jnp.bfloat16
         s = np.asarray(s, np.float64).reshape(3, -1)
         y = np.asarray(y, np.float64).reshape(3, -1)
@@ -539,7 +540,8 @@ def test_float64_gradient_beyond_float32_range_is_a_finite_step():
         st = tx.init(p)
         u, st = jax.jit(tx.update)({"w": jnp.full(3, 1e300, jnp.float64)}, st, p)
         assert int(st.count) == 1
-        assert bool(jnp.all(st.grads_avg["w"] > 0)) and bool(jnp.all(jnp.isfinite(u["w"])))
+        assert (bool(jnp.all(st.unpacked("grads_avg")["w"] > 0))
+                and bool(jnp.all(jnp.isfinite(u["w"]))))
 
 
 def test_float64_params_under_x64():
