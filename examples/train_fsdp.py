@@ -116,7 +116,7 @@ def main(argv=None):
                 print(f"step {step + 1:>5}: train loss {np.mean(losses[-50:]):.4f}  "
                       f"test acc {acc:.3f}")
     end = time.perf_counter()
-    w_hist = mlbfgs_optax.find_mlbfgs_state(opt_state).s_history["Dense_0"]["kernel"]
+    w_hist = mlbfgs_optax.find_mlbfgs_state(opt_state).unpacked("s_history")["Dense_0"]["kernel"]
     result = {
         "n_devices": n_dev,
         "state_bytes_per_device": max(per_dev.values()),

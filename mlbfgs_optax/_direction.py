@@ -36,7 +36,7 @@ from mlbfgs_optax import _numerics
 #: Unroll the combining pass over the M slots up to this memory size (one
 #: elementwise fusion that reads each history row once); beyond it, one
 #: contraction per history.
-MAX_UNROLLED_MEMORY = 0
+MAX_UNROLLED_MEMORY = 32
 
 
 def _in_range(x: jax.Array, acc) -> jax.Array:
@@ -176,9 +176,13 @@ def combine(layout, q: list, base, coef_s, s_hist: list, coef_y, y_hist: list, a
     else:
         d = []
         for j, (x, s, y) in enumerate(zip(q, s_hist, y_hist)):
+            # Every unit's weights gathered once, (U, M) (or (M,) for one block).
+            cs, cy = layout.per_unit(coef_s, j), layout.per_unit(coef_y, j)
+            col = lambda c, m: c[m] if c.ndim == 1 else c[:, m].reshape(
+                (-1,) + (1,) * (x.ndim - 1))
             dj = bc(base, j, x.ndim) * x.astype(acc)
             for m in range(num_slots):
-                dj = dj + bc(coef_s[:, m], j, x.ndim) * s[m].astype(acc)
-                dj = dj + bc(coef_y[:, m], j, x.ndim) * y[m].astype(acc)
+                dj = dj + col(cs, m) * s[m].astype(acc)
+                dj = dj + col(cy, m) * y[m].astype(acc)
             d.append(dj)
     return d if root_d is None else [x * r for x, r in zip(d, root_d)]

@@ -296,15 +296,15 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     wide = _numerics.accumulation_dtype(*g_dtypes)
     finite = jnp.isfinite(functools.reduce(
         jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0).astype(wide) for x in g_leaves]))
-    # Packed in a loop of zero or one trip: the concatenations are computed once
-    # into their buffers, not copied into every fusion that reads them. A step
-    # that is not finite passes its updates through and leaves the state as it
-    # was, so zeros serve it. The loop also hands back ``finite`` as a buffer of
-    # its own, so that no later kernel recomputes its chain over the leaves.
-    zeros = [jnp.zeros(s, d) for s, d in layout.packed_shapes()]
+    # Packed, then passed through a loop of zero or one trip: the stacked
+    # arrays are made once, as the loop's operands, not copied into every
+    # fusion that reads them. A step that is not finite passes its updates
+    # through and leaves the state as it was, so zeros serve it. The loop also
+    # hands back ``finite`` as a buffer of its own, so that no later kernel
+    # recomputes its chain over the leaves.
+    packed = (layout.pack(updates), layout.pack(params), jnp.asarray(True))
     g, theta, finite = _numerics.at_most_once(
-        finite, lambda _: (layout.pack(updates), layout.pack(params), jnp.asarray(True)),
-        (zeros, zeros, jnp.asarray(False)))
+        finite, lambda _: packed, jax.tree.map(jnp.zeros_like, packed))
     hvp = None if grad_fn is None else hessian_vector(layout, grad_fn, params)
     step = functools.partial(local_step, opts, h, hvp=hvp)
     d, new = opts.placement.run(step, layout, g, theta, state, finite)

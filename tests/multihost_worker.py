@@ -129,7 +129,7 @@ def main(argv):
     params = jax.jit(lambda a: a, out_shardings=replicated)(params)
     result = {k: np.asarray(v.addressable_shards[0].data) for k, v in params.items()}
     if mode == "fsdp":
-        hist = mstate.s_history["w"]
+        hist = mstate.unpacked("s_history")["w"]
         result["history_spec_ok"] = np.asarray(hist.sharding.spec == P(None, "data"))
         result["history_local_shape"] = np.asarray(hist.addressable_shards[0].data.shape)
     result["num_pairs"] = np.asarray(num_pairs.addressable_shards[0].data)

@@ -312,13 +312,14 @@ def _spec(x):
 
 
 def _check_state_follows(st, specs):
-    for name in ("params_avg", "grads_avg", "params_snapshot", "grads_snapshot"):
-        for k, spec in specs.items():
-            assert _spec(getattr(st, name)[k]) == spec, (name, k)
-    for name in ("s_history", "y_history"):
-        for k, spec in specs.items():
-            expected = P(None, *spec) if len(spec) else P()
-            assert _spec(getattr(st, name)[k]) == expected, (name, k)
+    """Every bucket of the state is sharded like the params leaves it stacks."""
+    leaf_specs = st.layout.treedef.flatten_up_to(specs)
+    for j, bucket in enumerate(st.layout.buckets):
+        spec = leaf_specs[bucket.leaves[0]]
+        for name in ("params_avg", "grads_avg", "params_snapshot", "grads_snapshot"):
+            assert _spec(getattr(st, name)[j]) == (P(None, *spec) if len(spec) else P()), name
+        for name in ("s_history", "y_history"):
+            assert _spec(getattr(st, name)[j]) == (P(None, None, *spec) if len(spec) else P())
     for name in ("rho", "gamma", "sy_gram", "count"):
         assert getattr(st, name).sharding.is_fully_replicated, name
 
@@ -435,16 +436,18 @@ def test_map_params_and_state_partition_specs_agree(blocks):
         ours = mlbfgs_optax.state_partition_specs(state, params_specs=pspecs)
         found = mlbfgs_optax.find_mlbfgs_state(mapped)
         mine = mlbfgs_optax.find_mlbfgs_state(ours)
-        # map_params finds exactly the params-shaped fields (the metric's nu included).
-        params_fields = ("params_avg", "grads_avg", "params_snapshot", "grads_snapshot", "nu")
+        # The state holds packed buckets, none params-shaped: map_params maps no field,
+        # and state_partition_specs gives each stacked bucket its leaves' spec.
         for name in mlbfgs_optax.ScaleByMLBFGSState._fields:
-            if name in params_fields:
-                assert getattr(found, name) == pspecs == getattr(mine, name), name
-            else:
-                assert getattr(found, name) is None, name
-        assert mine.s_history == {"w": P(None, "x"), "b": P(None, None)}
+            assert getattr(found, name) is None, name
+        w_bucket = [j for j, b in enumerate(state[0].layout.buckets)
+                    if state[0].layout.paths[b.leaves[0]] == "['w']"][0]
+        assert mine.grads_avg[w_bucket] == P(None, "x")
+        assert mine.s_history[w_bucket] == P(None, None, "x")
+        assert mine.s_history[1 - w_bucket] == P(None, None, None)
         # The specs place a real state.
         mesh = jax.make_mesh((N_DEV,), ("x",))
         placed = jax.device_put(state, jax.tree.map(lambda s: NamedSharding(mesh, s), ours,
                                                     is_leaf=lambda x: isinstance(x, P)))
-        assert mlbfgs_optax.find_mlbfgs_state(placed).s_history["w"].sharding.spec == P(None, "x")
+        placed_hist = mlbfgs_optax.find_mlbfgs_state(placed).s_history[w_bucket]
+        assert placed_hist.sharding.spec == P(None, None, "x")

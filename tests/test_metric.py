@@ -55,11 +55,12 @@ def test_whiten_pair_keeps_curvature_in_direction_units():
 @pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30])
 def test_bounded_shortens_only_long_blocks(scale):
     layout = mlbfgs_optax.make_layout({"a": jnp.zeros(2), "b": jnp.zeros(3)}, "leaf")
-    d = [jnp.asarray([3.0, 4.0]) * scale, jnp.asarray([1.0, 0.0, 0.0]) * scale]
-    g = [jnp.asarray([1.0, 0.0]) * scale, jnp.asarray([0.0, 1.0, 0.0]) * scale]
-    out = _metric.bounded(layout, d, g, 2.0, jnp.float32)
-    np.testing.assert_allclose(out[0], np.asarray([1.2, 1.6]) * scale, rtol=1e-6)
-    np.testing.assert_array_equal(out[1], d[1])  # within the bound: untouched
+    d = {"a": jnp.asarray([3.0, 4.0]) * scale, "b": jnp.asarray([1.0, 0.0, 0.0]) * scale}
+    g = {"a": jnp.asarray([1.0, 0.0]) * scale, "b": jnp.asarray([0.0, 1.0, 0.0]) * scale}
+    out = layout.unpack(_metric.bounded(layout, layout.pack(d), layout.pack(g), 2.0,
+                                        jnp.float32))
+    np.testing.assert_allclose(out["a"], np.asarray([1.2, 1.6]) * scale, rtol=1e-6)
+    np.testing.assert_array_equal(out["b"], d["b"])  # within the bound: untouched
 
 
 # The whole default step against NumPy ------------------------------------------------
@@ -156,8 +157,8 @@ def test_learning_rate_is_invariant_for_the_whitened_pairs():
             for p, g in zip(params, grads):
                 _, st = tx.update(jnp.asarray(g), st, jnp.asarray(p))
             states.append(st)
-    (s0, y0), (s1, y1) = [(np.asarray(st.s_history), np.asarray(st.y_history))
-                          for st in states]
+    (s0, y0), (s1, y1) = [(np.asarray(st.unpacked("s_history")),
+                           np.asarray(st.unpacked("y_history"))) for st in states]
     assert np.abs(s0).max() > 0
     np.testing.assert_allclose(s0, 10 * s1, rtol=1e-12)
     np.testing.assert_allclose(y0, y1, rtol=1e-12)

@@ -209,8 +209,8 @@ def _opt_step():
 
 
 def _state_block_h(state, b, name):
-    s = np.asarray(state.s_history[name], np.float64)
-    y = np.asarray(state.y_history[name], np.float64)
+    s = np.asarray(state.unpacked("s_history")[name], np.float64)
+    y = np.asarray(state.unpacked("y_history")[name], np.float64)
     rho = np.asarray(state.rho[b])
     newest, memory = int(state.newest[b]), s.shape[0]
     slots = [(newest - age) % memory for age in reversed(range(memory))]
@@ -264,8 +264,8 @@ def test_optimizer_invariants_under_random_gradients(seed, log_scales, specials)
         rho = np.asarray(state.rho, np.float64)
         assert np.all(rho >= 0)
         np.testing.assert_array_equal((rho > 0).sum(axis=1), np.asarray(state.num_pairs))
-        for b, (s, y) in enumerate(zip(jax.tree.leaves(state.s_history),
-                                       jax.tree.leaves(state.y_history))):
+        for b, (s, y) in enumerate(zip(jax.tree.leaves(state.unpacked("s_history")),
+                                       jax.tree.leaves(state.unpacked("y_history")))):
             s = np.asarray(s, np.float64)
             y = np.asarray(y, np.float64)
             for slot in range(3):
