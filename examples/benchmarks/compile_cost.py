@@ -82,6 +82,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -109,6 +110,22 @@ import mlbfgs_optax
 from examples.benchmarks import harness
 from examples.common import bytes_per_device
 
+
+def _library_loaded() -> str:
+    """The library this process runs: its git state when imported and a hash of the sources
+    of the imported modules (edits made to the working tree later do not reach a running
+    process, so a row's code is the code of its process's import)."""
+    files = sorted({m.__file__ for name, m in sys.modules.items()
+                    if name.split(".")[0] == "mlbfgs_optax" and getattr(m, "__file__", None)})
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return f"{harness.library_version()}, sources {digest.hexdigest()[:10]}"
+
+
+#: The library as imported by this process (see :func:`_library_loaded`).
+LIBRARY = _library_loaded()
 LR = 1e-3
 MLP_WIDTH = 64
 MLP_BATCH = 32
@@ -507,7 +524,7 @@ def measure(setup: Setup, repeats: int) -> dict:
 def _guarded(fn: Callable, row: dict, repeats: int) -> dict:
     """Runs ``measure(fn(), repeats)`` into ``row``; an exception is recorded, not raised."""
     jax.clear_caches()
-    row["library"] = harness.library_version()  # the library may change under a long run
+    row["library"] = LIBRARY  # placement rows carry their own process's
     t0 = time.perf_counter()
     try:
         setup = fn()
@@ -765,10 +782,13 @@ def markdown(result: dict) -> str:
         lines.append("")
     placed = [r for r in rows if r["placement"] != "single"]
     if placed:
+        other = [lib for lib in result.get("library_placements", []) if lib != result["library"]]
         lines += [f"## Placements on {NUM_DEVICES} fake CPU devices (x adam: adam in the same "
-                  "placement)", "",
-                  header + " placement | state bytes / device (max) |",
-                  sep + "---|---|"]
+                  "placement)", ""]
+        if other:
+            lines += [f"Measured in a separate process that imported a different library: "
+                      f"{'; '.join(other)}.", ""]
+        lines += [header + " placement | state bytes / device (max) |", sep + "---|---|"]
         for r in placed:
             extra = (f" {r['placement']} ({r.get('optimizer_detail', '')}) "
                      f"| {r.get('state_bytes_per_device_max', 0):,} |")
@@ -790,6 +810,8 @@ def plot(result: dict, path: str) -> None:
             and r["placement"] == "single" and "error" not in r]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     main_style = {"adam": "tab:blue", "lbfgs": "tab:orange", "mlbfgs": "tab:red"}
+    thin = {"mlbfgs_all": "tab:purple", "mlbfgs_labels": "tab:brown",
+            "mlbfgs_slices8": "tab:green", "mlbfgs_paper": "tab:pink"}
     for opt in [o for o in OPTIMIZERS if any(r["optimizer"] == o for r in rows)]:
         rs = sorted((r for r in rows if r["optimizer"] == opt), key=lambda r: r["leaves"])
         x = [r["leaves"] for r in rs]
@@ -797,7 +819,7 @@ def plot(result: dict, path: str) -> None:
         if opt in main_style:
             ax.plot(x, y, "o-", lw=2.2, color=main_style[opt], label=opt)
         else:
-            ax.plot(x, y, ".-", lw=0.9, alpha=0.8, label=opt)
+            ax.plot(x, y, ".-", lw=0.9, alpha=0.8, color=thin.get(opt), label=opt)
     if rows:
         xs = sorted({r["leaves"] for r in rows})
         y0 = min(r["compile_s"] for r in rows if r["leaves"] == xs[0])
@@ -807,7 +829,7 @@ def plot(result: dict, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("parameter leaves (tanh MLP of width 64)")
     ax.set_ylabel("compile seconds of one train step")
-    ax.set_title(f"Compile cost vs leaves ({result['library'].split(' -> ')[-1]})", fontsize=9)
+    ax.set_title(f"Compile cost vs leaves ({result['library'].split(',')[0]})", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -861,8 +883,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
-    library = harness.library_version()
-    print(f"compile_cost: {library}, jax {jax.__version__}; models {models}; optimizers "
+    print(f"compile_cost: {LIBRARY}, jax {jax.__version__}; models {models}; optimizers "
           f"{list(opts)}; placements {list(placements)} on {list(placement_models)}",
           flush=True)
     warm_up()
@@ -873,11 +894,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         else:
             rows += run_placements_subprocess(placement_models, placements, repeats)
     add_ratios(rows)
-    library_after = harness.library_version()
     described = {m: make_model(m) for m in dict.fromkeys(
         models + (list(placement_models) if placements else []))}
     result = {
-        "library": library if library == library_after else f"{library} -> {library_after}",
+        "library": LIBRARY,
+        "library_placements": sorted({r["library"] for r in rows if r["placement"] != "single"}),
         "jax": jax.__version__,
         "optax": optax.__version__,
         "machine": harness.machine(),
