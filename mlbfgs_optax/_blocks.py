@@ -115,6 +115,11 @@ def param_sharding(x) -> Optional[jax.sharding.Sharding]:
     return s if isinstance(s, NamedSharding) else None
 
 
+def _cast(x: jax.Array, dtype) -> jax.Array:
+    """``x`` in ``dtype`` (no conversion where it has it already)."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 def _partitioned(x) -> Optional[NamedSharding]:
     """``param_sharding(x)`` when it splits ``x`` over some mesh axis, else None."""
     s = param_sharding(x)
@@ -130,7 +135,7 @@ class BlockLayout:
 
     Attributes:
       treedef: tree structure of the parameters.
-      paths: the key path of every parameter leaf (``jax.tree_util.keystr``).
+      paths: the key path of every parameter leaf (:func:`_key_path`).
       shapes: shape of every parameter leaf.
       dtypes: dtype of every parameter leaf.
       buckets: the packed arrays (:class:`Bucket`).
@@ -192,7 +197,7 @@ class BlockLayout:
             if b.starts is None:
                 parts = jax.lax.split(x, (1,) * len(b.leaves), axis=lead)
                 for i, part in zip(b.leaves, parts):
-                    leaves[i] = part.reshape(front + self.shapes[i]).astype(dtypes[i])
+                    leaves[i] = _cast(part.reshape(front + self.shapes[i]), dtypes[i])
                 continue
             flat = x.reshape(front + (-1,))
             sizes, pos = [], 0
@@ -202,16 +207,17 @@ class BlockLayout:
             sizes.append(flat.shape[-1] - pos)
             parts = jax.lax.split(flat, sizes, axis=lead)
             for i, part in zip(b.leaves, parts[1::2]):
-                leaves[i] = part.reshape(front + self.shapes[i]).astype(dtypes[i])
+                leaves[i] = _cast(part.reshape(front + self.shapes[i]), dtypes[i])
         return self.treedef.unflatten(leaves)
 
     def for_tree(self, tree: Any, name: str = "params") -> "BlockLayout":
         """This layout for ``tree``, whose leaves must have this layout's paths and shapes.
 
-        ``tree``'s own structure may differ from :attr:`treedef` only by nodes
-        that add no key to a path (e.g. ``flax.nnx`` variables, which
-        ``nnx.Optimizer`` strips between ``init`` and ``update``); the layout
-        returned packs and unpacks with ``tree``'s structure.
+        ``tree``'s own structure may differ from :attr:`treedef` only by
+        wrapper nodes that add attribute steps to a path (e.g. ``flax.nnx``
+        variables' ``.value``, which ``nnx.Optimizer`` strips between ``init``
+        and ``update``); the layout returned packs and unpacks with ``tree``'s
+        structure.
 
         Raises:
           ValueError: when the paths or shapes differ.
@@ -220,7 +226,7 @@ class BlockLayout:
         if treedef == self.treedef:
             paths = self.paths
         else:
-            paths = tuple(_path_name(p) for p, _ in flat)
+            paths = tuple(_key_path(p) for p, _ in flat)
             if paths != self.paths:
                 raise ValueError(
                     f"scale_by_mlbfgs: {name} and the optimizer state have different tree "
@@ -385,6 +391,12 @@ def _label_name(label: Hashable) -> str:
     return label if isinstance(label, str) else repr(label)
 
 
+def _key_path(path) -> str:
+    """A leaf's path by its dict keys and sequence indices (attribute steps dropped)."""
+    return jax.tree_util.keystr(tuple(
+        k for k in path if not isinstance(k, jax.tree_util.GetAttrKey))) or "<root>"
+
+
 def _path_name(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
@@ -445,7 +457,7 @@ def make_layout(params: Any, blocks: BlockSpec) -> BlockLayout:
                         tuple(range(k)))
         return BlockLayout(
             treedef=treedef,
-            paths=tuple(_path_name(p) for p in paths),
+            paths=tuple(_key_path(p) for p in paths),
             shapes=shapes,
             dtypes=dtypes,
             buckets=(bucket,),
@@ -491,7 +503,7 @@ def make_layout(params: Any, blocks: BlockSpec) -> BlockLayout:
         block_sizes[blk] += size
     return BlockLayout(
         treedef=treedef,
-        paths=tuple(_path_name(p) for p in paths),
+        paths=tuple(_key_path(p) for p in paths),
         shapes=shapes,
         dtypes=dtypes,
         buckets=_buckets(leaves, leaf_block),

@@ -290,8 +290,8 @@ def state_partition_specs(opt_state: Any, axis_name: Optional[str] = None,
     :func:`~mlbfgs_optax.mlbfgs`) gets the specs its ``init`` gives it: with
     :class:`~mlbfgs_optax.EqualSlices` blocks the block axis on ``axis_name``;
     with ``"leaf"``, ``"all"`` or label blocks and ``params_specs``, the
-    buckets that stack sharded params (``init`` stacks the leaves it finds
-    sharded, by shape) take ``P(None, *spec)`` of their leaves, and
+    buckets (``init`` stacks the leaves of one shape and dtype) take
+    ``P(None, *spec)`` of their first leaf, and
     ``P(None, None, *spec)`` in the histories. Every other leaf is
     replicated. Use it as ``in_specs``/``out_specs`` of :func:`jax.shard_map`
     or to build ``NamedSharding`` for ``jax.device_put``, ``out_shardings`` or

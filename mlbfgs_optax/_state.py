@@ -16,11 +16,11 @@ class ScaleByMLBFGSState(NamedTuple):
 
     Parameter-shaped fields are *packed* by the block layout (``layout``): a
     list with one array per bucket of :class:`~mlbfgs_optax.BlockLayout`
-    (usually one: every parameter leaf of one dtype raveled into
-    ``(rows, row_width)``; leaves the user sharded are stacked by shape and
-    keep their sharding; :class:`~mlbfgs_optax.EqualSlices` gives one
-    ``(num_blocks, block_size)`` array). ``layout.unpack`` turns such a field
-    back into a params-shaped pytree (``layout.unpack(field, lead=1)`` for a
+    (for ``"leaf"``, ``"all"`` and label blocks, the leaves of one shape and
+    dtype stacked, ``(k, *shape)``, with their sharding;
+    :class:`~mlbfgs_optax.EqualSlices` gives one ``(num_blocks, block_size)``
+    array). ``state.unpacked(name)`` turns such a field back into a
+    params-shaped pytree (with a leading memory axis for a
     history). ``B`` is the number of blocks and ``M`` the memory size.
 
     Attributes:

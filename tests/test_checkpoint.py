@@ -267,6 +267,6 @@ def test_orbax_restore_onto_other_device_counts_continues_the_run(tmp_path):
             if n > 1:
                 inner = mlbfgs_optax.find_mlbfgs_state(st)
                 hist = inner.unpacked("s_history")["w"]
-                assert hist.sharding.spec == jax.sharding.PartitionSpec(None, "x")
+                assert tuple(hist.sharding.spec)[:2] == (None, "x")
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
