@@ -54,22 +54,18 @@ class Collectives:
 Step = Callable[..., tuple[list, ScaleByMLBFGSState]]
 
 
-def zeros_like_bucket(x, bucket: _blocks.Bucket, shape: tuple, dtype) -> jax.Array:
-    """Zeros of ``shape`` (``bucket.shape`` behind unsharded leading axes) for a bucket
-    whose first parameter leaf is ``x``: placed like ``x``'s sharding when the bucket is
-    stacked (``P(None, ..., *spec)``), replicated on ``x``'s mesh when it is flat."""
+def zeros_like_bucket(x, shape: tuple, dtype) -> jax.Array:
+    """Zeros of ``shape`` for a stacked bucket whose first parameter leaf is ``x``:
+    placed like ``x`` behind the unsharded leading axes (``P(None, ..., *spec)``)."""
     s = _blocks.param_sharding(x)
     if s is None:
         return jnp.zeros(shape, dtype)
-    stacked = bucket.starts is None
     if isinstance(x, jax.core.Tracer):
         # Inside jit the sharding is part of the leaf's type: zeros_like keeps
         # it and broadcasting adds the unsharded leading axes, with no need for
         # a concrete mesh in context.
-        if stacked:
-            return jnp.broadcast_to(jnp.zeros_like(x, dtype=dtype), shape)
-        return jnp.zeros(shape, dtype, out_sharding=NamedSharding(s.mesh, PartitionSpec()))
-    spec = ((None,) * (len(shape) - len(x.shape)) + tuple(s.spec)) if stacked else ()
+        return jnp.broadcast_to(jnp.zeros_like(x, dtype=dtype), shape)
+    spec = (None,) * (len(shape) - len(x.shape)) + tuple(s.spec)
     return jnp.zeros(shape, dtype, device=NamedSharding(s.mesh, PartitionSpec(*spec)))
 
 
@@ -97,9 +93,8 @@ class Placement:
         if params is None or layout.slice_size is not None:
             return zeros(layout, None)
         leaves = layout.treedef.flatten_up_to(params)
-        buckets = layout.buckets
-        state = zeros(layout, lambda j, shape, dtype: zeros_like_bucket(
-            leaves[buckets[j].leaves[0]], buckets[j], shape, dtype))
+        first = [leaves[b.leaves[0]] for b in layout.buckets]
+        state = zeros(layout, lambda j, shape, dtype: zeros_like_bucket(first[j], shape, dtype))
         meshes = [s.mesh for s in map(_blocks.param_sharding, leaves)
                   if isinstance(s, NamedSharding) and not isinstance(leaves[0], jax.core.Tracer)]
         if not meshes:

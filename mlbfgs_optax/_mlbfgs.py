@@ -4,7 +4,7 @@ Niu, Fabian, Lee, Soltanolkotabi, Avestimehr, `mL-BFGS: A Momentum-based
 L-BFGS for Distributed Large-scale Neural Network Optimization
 <https://arxiv.org/abs/2307.13744>`_, TMLR 2023. The authors' PyTorch code
 (GitHub yuehniu/mL-BFGS, ``opt/slimblock.py``) fixed the details the paper
-leaves open; the differences are listed in the README.
+leaves open; the differences are listed in the documentation (docs/algorithm.md).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def scale_by_mlbfgs(
         :math:`\beta = 0.99`), so that the first pairs are not chords of the
         initial transient that the averages still span; until then the step
         is :math:`D g` (RMSprop's). 0: pairs from the first pair step on (the
-        paper). Measured in ``examples/benchmarks/research/issue10_hvp.md``.
+        paper). Measured in ``examples/benchmarks/research/hessian_vector_pairs.md``.
       curvature: how a pair's :math:`y` is measured. ``"gradient_difference"``
         (default, the paper): the change of the gradient average,
         :math:`y = M^g - M^g_{\rm snap}`. ``"hessian_vector"``:

@@ -48,11 +48,10 @@ def candidate(layout, st: ScaleByMLBFGSState, bias_correction: bool, acc):
       ``(s, y)``, packed, in ``acc``.
     """
     c_theta, c_grad, c_snap_theta, c_snap_grad = _corrections(st, bias_correction, acc)
-    fields = lambda tree: tree
     s = [c_theta * a.astype(acc) - c_snap_theta * b.astype(acc)
-         for a, b in zip(fields(st.params_avg), fields(st.params_snapshot))]
+         for a, b in zip(st.params_avg, st.params_snapshot)]
     y = [c_grad * a.astype(acc) - c_snap_grad * b.astype(acc)
-         for a, b in zip(fields(st.grads_avg), fields(st.grads_snapshot))]
+         for a, b in zip(st.grads_avg, st.grads_snapshot)]
     return s, y
 
 
@@ -266,8 +265,7 @@ def form_pair(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     """:func:`pair_step`, Gram rows included: the new state."""
     new, stored = pair_step(layout, opts, h, dt, g, t, st, root_d, inv_lr)
     if opts.cache_gram:
-        rows, _ = gram_rows(layout, new.s_history,
-                            new.y_history, new.newest, None, dt.acc)
+        rows, _ = gram_rows(layout, new.s_history, new.y_history, new.newest, None, dt.acc)
         new = store_gram_rows(layout, new, rows, new.newest, stored)
     return new
 

@@ -13,9 +13,9 @@ import numpy as np
 
 import mlbfgs_optax
 
-#: The library's defaults before issue 10 (the paper's algorithm with bias
-#: correction and the sigma_yy bound); the pinned configurations build on them.
-PRE_ISSUE_10 = dict(mlbfgs_optax.paper_defaults, bias_correction=True, sigma_yy=None)
+#: The paper's algorithm with bias correction and the sigma_yy bound; the pinned
+#: configurations build on it.
+PAPER_WITH_CORRECTIONS = dict(mlbfgs_optax.paper_defaults, bias_correction=True, sigma_yy=None)
 
 CONFIGS = {
     "defaults_leaf": dict(),
@@ -52,7 +52,7 @@ def as_tree(v):
 
 def directions(config: dict) -> np.ndarray:
     """Every step's direction of ``scale_by_mlbfgs(**config)``, stacked, float64."""
-    config = {**PRE_ISSUE_10, **config}
+    config = {**PAPER_WITH_CORRECTIONS, **config}
     opt = mlbfgs_optax.scale_by_mlbfgs(update_period=config.pop("update_period", 2),
                                        beta=config.pop("beta", 0.5), **config)
     params, grads = trajectory()

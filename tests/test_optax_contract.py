@@ -315,7 +315,7 @@ def test_tree_map_params(case):
 def test_converges(case, target):
     if case.name == "mlbfgs_no_momentum" and target == "rosenbrock":
         pytest.skip("momentum=None at a constant lr does not settle on Rosenbrock "
-                    "(README, Limits; tests/test_metric.py pins it)")
+                    "(docs/limits.md; tests/test_metric.py pins it)")
     opt = case.make(CONTRIB_LR)
     start, minimiser, objective = TARGETS[target](jnp.float32)
     step = jitted_step(opt, objective)

@@ -277,7 +277,7 @@ def markdown(r: dict) -> str:
         f"y = a*x + y, best of the rounds): **{r['bandwidth_GBps']:.1f} GB/s** (rounds: "
         + ", ".join(f"{b:.1f}" for b in r["bandwidth_all_GBps"]) + ").",
         "",
-        "## Targets (issue 11)",
+        "## Targets",
         "",
         "| target | measured | limit | met |",
         "|---|---|---|---|",
