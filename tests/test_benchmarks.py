@@ -31,6 +31,7 @@ def quick_results(tmp_path_factory):
     return out, results
 
 
+@pytest.mark.slow  # 2.5 min: the suite's whole quick run; its pieces have their own tests
 def test_quick_run_writes_outputs(quick_results):
     out, results = quick_results
     for name in ("results.md", "results.json"):
@@ -57,6 +58,7 @@ def test_quick_run_writes_outputs(quick_results):
     assert "muon" in data["tasks"]["mnist1d_mlp"]["summary"]
 
 
+@pytest.mark.slow
 def test_quick_run_markdown_and_plots(quick_results):
     out, results = quick_results
     md = (out / "results.md").read_text()
@@ -281,6 +283,7 @@ def test_scale_resnet_reads_cifar10_from_a_user_directory(tmp_path, monkeypatch)
         model_state)
 
 
+@pytest.mark.slow  # 70 s; the timing harness is exercised by tests/test_compile_cost.py
 def test_overhead_quick_run(tmp_path):
     """The whole script in quick mode: every case timed, the report written and readable."""
     import json
@@ -330,8 +333,8 @@ def test_grid_grows_past_an_edge_best_and_stops_at_its_limit():
 _SLOW = pytest.mark.slow  # 20-30 s each on 2 cores; the suite's tables count the same
 
 
-@pytest.mark.parametrize("name", ["logreg", "mnist1d_mlp"] + [
-    pytest.param(n, marks=_SLOW) for n in ("mnist1d_cnn", "fmnist_mlp", "fmnist_cnn",
+@pytest.mark.parametrize("name", ["logreg"] + [
+    pytest.param(n, marks=_SLOW) for n in ("mnist1d_mlp", "mnist1d_cnn", "fmnist_mlp", "fmnist_cnn",
                                            "mnist_mlp")])
 def test_defaults_finite_across_the_upper_half_of_their_grid(name):
     """The defaults never diverge in the upper half of their suite grid (the full run's

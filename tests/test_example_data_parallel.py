@@ -46,6 +46,7 @@ def test_batch_must_divide_over_devices():
         train_data_parallel.main(["--quick", "--batch-size", "100"])
 
 
+@pytest.mark.slow  # 45 s; the layouts it times are tested in tests/test_distributed.py
 def test_distributed_benchmark_quick():
     """examples/benchmarks/distributed.py: memory 1/N, one all-gather = half the grad all-reduce."""
     from examples.benchmarks import distributed

@@ -146,6 +146,7 @@ def test_common_options_quick_and_out():
     assert p.description == "An example."
 
 
+@pytest.mark.slow  # 60 s; the state following FSDP params is tested in tests/test_distributed.py
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_train_fsdp_quick_state_follows_the_params():
     from examples import train_fsdp

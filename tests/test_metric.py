@@ -196,7 +196,8 @@ def _quadratic(n=100, cond=1e4, seed=0):
     return (lambda x: 0.5 * (x - x_star) @ (a @ (x - x_star)) / f0), x_star
 
 
-@pytest.mark.parametrize("lr", [1e-3, 1e-2, 1e-1])
+@pytest.mark.parametrize("lr", [pytest.param(1e-3, marks=pytest.mark.slow), 1e-2,
+                                pytest.param(1e-1, marks=pytest.mark.slow)])
 def test_50k_float32_steps_rosenbrock_and_quadratic_stay_converged(lr):
     """The defaults, constant lr, 50,000 float32 steps from (0, 0) / from 0 on a
     condition-1e4 quadratic: converged and finite at the end (round-off pairs next to

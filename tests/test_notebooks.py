@@ -10,7 +10,9 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "algorithm_2d.ipynb"])
+@pytest.mark.parametrize("name", [
+    # 60 s; its code is the README quickstart, which tests/test_wheel.py runs.
+    pytest.param("quickstart.ipynb", marks=pytest.mark.slow), "algorithm_2d.ipynb"])
 def test_notebook_runs(name, monkeypatch):
     # The kernel inherits this environment. jupyter_client starts a kernelspec whose
     # argv[0] is "python" with sys.executable, i.e. with this interpreter's packages.
