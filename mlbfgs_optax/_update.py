@@ -302,9 +302,14 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     # through and leaves the state as it was, so zeros serve it. The loop also
     # hands back ``finite`` as a buffer of its own, so that no later kernel
     # recomputes its chain over the leaves.
-    packed = (layout.pack(updates), layout.pack(params), jnp.asarray(True))
-    g, theta, finite = _numerics.at_most_once(
-        finite, lambda _: packed, jax.tree.map(jnp.zeros_like, packed))
+    # (Where no bucket holds more than one leaf there is nothing to concatenate or
+    # split, and the loops would only cost compile time.)
+    splits = any(len(b.leaves) > 1 for b in layout.buckets)
+    g, theta = layout.pack(updates), layout.pack(params)
+    if splits:
+        packed = (g, theta, jnp.asarray(True))
+        g, theta, finite = _numerics.at_most_once(
+            finite, lambda _: packed, jax.tree.map(jnp.zeros_like, packed))
     hvp = None if grad_fn is None else hessian_vector(layout, grad_fn, params)
     step = functools.partial(local_step, opts, h, hvp=hvp)
     d, new = opts.placement.run(step, layout, g, theta, state, finite)
@@ -312,7 +317,8 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     # of zero or one trip) and only then split per leaf: else XLA would copy its
     # whole computation into the fusion of every leaf it is split into. Where
     # the step is not finite, the updates pass through as they came.
-    d = _numerics.at_most_once(finite, lambda _: d, [jnp.zeros_like(x) for x in d])
+    if splits:
+        d = _numerics.at_most_once(finite, lambda _: d, [jnp.zeros_like(x) for x in d])
     out = layout.unpack(d, dtypes=g_dtypes)
     return jax.tree.map(lambda o, u: jnp.where(finite, o, u), out, updates), new
 
