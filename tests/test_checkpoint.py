@@ -231,6 +231,7 @@ def _fsdp_placed(tree, opt, n):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+@pytest.mark.slow  # 56 s; test_orbax_roundtrip_resume_is_bit_identical covers orbax in CI
 def test_orbax_restore_onto_other_device_counts_continues_the_run(tmp_path):
     rng = np.random.default_rng(0)
     p0 = {"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),

@@ -354,7 +354,9 @@ def _follow_init(opt, params, mesh, specs, axis_type, set_mesh):
 
 @pytest.mark.parametrize("layout", sorted(_LAYOUTS))
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
-@pytest.mark.parametrize("set_mesh", [False, True], ids=["no_set_mesh", "set_mesh"])
+@pytest.mark.parametrize("set_mesh", [
+    # Without a mesh in context (~18 s each): slow; the set_mesh cases cover every layout.
+    pytest.param(False, marks=pytest.mark.slow), True], ids=["no_set_mesh", "set_mesh"])
 def test_state_follows_param_sharding_and_matches_one_device(layout, axis_type, set_mesh):
     shape, names, specs = _LAYOUTS[layout]
     mesh = jax.make_mesh(shape, names,
