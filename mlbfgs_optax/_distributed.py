@@ -74,10 +74,10 @@ class Placement:
     """Base class: the state lives whole on every device (single device, GSPMD).
 
     Params-shaped and history fields follow the sharding of the parameter
-    leaves they pack (``"leaf"``, ``"all"`` and label blocks): leaves sharded
-    FSDP- or tensor-parallel-style are stacked in buckets sharded
-    ``P(None, *spec)`` (histories ``P(None, None, *spec)``), so their optimizer
-    state stays sharded the same way; unsharded leaves are packed replicated.
+    leaves they pack (``"leaf"``, ``"all"`` and label blocks): the leaves of one
+    shape and dtype are stacked in a bucket sharded ``P(None, *spec)`` of its
+    first leaf (histories ``P(None, None, *spec)``), so params sharded FSDP- or
+    tensor-parallel-style keep their optimizer state sharded the same way.
     """
 
     def rows(self, layout: _blocks.BlockLayout) -> int:
