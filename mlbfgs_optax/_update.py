@@ -289,23 +289,19 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     of parameter leaves.
     """
     layout = state.layout.for_tree(params)
-    g_leaves = layout.treedef.flatten_up_to(updates)
-    g_dtypes = [x.dtype for x in g_leaves]
-    # One max-reduction per leaf (max propagates NaN), in the widest dtype of
-    # the updates (a float64 of 1e300 is finite): kernels alike for leaves alike.
-    wide = _numerics.accumulation_dtype(*g_dtypes)
-    finite = jnp.isfinite(functools.reduce(
-        jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0).astype(wide) for x in g_leaves]))
-    # Packed, then passed through a loop of zero or one trip: the stacked
-    # arrays are made once, as the loop's operands, not copied into every
-    # fusion that reads them. A step that is not finite passes its updates
-    # through and leaves the state as it was, so zeros serve it. The loop also
-    # hands back ``finite`` as a buffer of its own, so that no later kernel
-    # recomputes its chain over the leaves.
-    # (Where no bucket holds more than one leaf there is nothing to concatenate or
-    # split, and the loops would only cost compile time.)
+    g_dtypes = [x.dtype for x in layout.treedef.flatten_up_to(updates)]
+    # Finite on the packed updates: one reduction per bucket (XLA reads the leaves
+    # in place), not one per leaf. An update that the packing's cast overflows
+    # counts as not finite. The packed arrays are then made once, as the operands
+    # of a loop of zero or one trip, instead of copied into every kernel that reads
+    # them; a step that is not finite passes its updates through and leaves the
+    # state as it was, so zeros serve it. The loop also hands back ``finite`` as a
+    # buffer of its own, so that no later kernel recomputes it. (Where no bucket
+    # holds more than one leaf there is nothing to stack, and the loops would only
+    # cost compile time.)
     splits = any(len(b.leaves) > 1 for b in layout.buckets)
     g, theta = layout.pack(updates), layout.pack(params)
+    finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in g])
     if splits:
         packed = (g, theta, jnp.asarray(True))
         g, theta, finite = _numerics.at_most_once(
