@@ -59,6 +59,11 @@ def test_coefficients_and_combine_equal_scan_two_loop(memory, blocks):
     direct = float(np.sum(np.asarray(d[0]) ** 2))
     np.testing.assert_allclose(float(dd[0]), direct, rtol=1e-10)
     assert abs(float(dd[0]) - direct) <= float(err[0]) + 1e-12
+    # The fallback's pass over the vector (q scaled by 1/c) gives the same norm.
+    c = jnp.asarray([4.0])
+    fallback = _direction.direct_norm_sq(layout, [q[0] * 4.0], c, gamma, cs, s_hist, cy, y_hist,
+                                         jnp.float64)
+    np.testing.assert_allclose(float(fallback[0]), direct, rtol=1e-10)
 
 
 def test_safe_products_rescale_only_out_of_range():
