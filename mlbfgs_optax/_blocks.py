@@ -185,30 +185,50 @@ class BlockLayout:
             out.append(flat.reshape(front + b.shape))
         return out
 
-    def unpack(self, packed: list[jax.Array], dtypes=None, lead: int = 0) -> Any:
+    def unpack(self, packed: list[jax.Array], dtypes=None, lead: int = 0,
+               offsets: Optional[list[list[jax.Array]]] = None) -> Any:
         """List of packed arrays -> params-shaped pytree (cast to ``dtypes``).
 
-        ``lead`` as in :meth:`pack`.
+        ``lead`` as in :meth:`pack`. ``offsets``: :meth:`leaf_offsets` as traced
+        scalars that XLA cannot see through (e.g. outputs of a loop); every leaf
+        is then read with a dynamic slice at its offset instead of a static one.
+        XLA:CPU compiles every distinct kernel once: static slices make one
+        distinct kernel per leaf (their offsets differ), dynamic ones the same
+        kernel for every leaf of one shape.
         """
         dtypes = self.dtypes if dtypes is None else dtypes
         leaves: list[Any] = [None] * len(self.shapes)
-        for b, x in zip(self.buckets, packed):
+        for j, (b, x) in enumerate(zip(self.buckets, packed)):
             front = tuple(x.shape[:lead])
             if b.starts is None:
-                parts = jax.lax.split(x, (1,) * len(b.leaves), axis=lead)
+                if offsets is not None:
+                    parts = [jax.lax.dynamic_index_in_dim(x, o, axis=lead, keepdims=False)
+                             for o in offsets[j]]
+                else:
+                    parts = [p.reshape(front + p.shape[lead + 1:])
+                             for p in jax.lax.split(x, (1,) * len(b.leaves), axis=lead)]
                 for i, part in zip(b.leaves, parts):
                     leaves[i] = _cast(part.reshape(front + self.shapes[i]), dtypes[i])
                 continue
             flat = x.reshape(front + (-1,))
-            sizes, pos = [], 0
-            for i, start in zip(b.leaves, b.starts):
-                sizes += [start - pos, math.prod(self.shapes[i])]
-                pos = start + sizes[-1]
-            sizes.append(flat.shape[-1] - pos)
-            parts = jax.lax.split(flat, sizes, axis=lead)
-            for i, part in zip(b.leaves, parts[1::2]):
+            if offsets is not None:
+                parts = [jax.lax.dynamic_slice_in_dim(flat, o, math.prod(self.shapes[i]), axis=lead)
+                         for i, o in zip(b.leaves, offsets[j])]
+            else:
+                sizes, pos = [], 0
+                for i, start in zip(b.leaves, b.starts):
+                    sizes += [start - pos, math.prod(self.shapes[i])]
+                    pos = start + sizes[-1]
+                sizes.append(flat.shape[-1] - pos)
+                parts = jax.lax.split(flat, sizes, axis=lead)[1::2]
+            for i, part in zip(b.leaves, parts):
                 leaves[i] = _cast(part.reshape(front + self.shapes[i]), dtypes[i])
         return self.treedef.unflatten(leaves)
+
+    def leaf_offsets(self) -> list[list[int]]:
+        """Where every leaf sits in its bucket: its unit (stacked) or its start (flat)."""
+        return [list(range(len(b.leaves))) if b.starts is None else list(b.starts)
+                for b in self.buckets]
 
     def for_tree(self, tree: Any, name: str = "params") -> "BlockLayout":
         """This layout for ``tree``, whose leaves must have this layout's paths and shapes.
@@ -307,6 +327,27 @@ class BlockLayout:
         return self._to_blocks([
             jnp.sum(x.astype(dtype) * y.astype(dtype), axis=tuple(range(1, x.ndim)))
             for x, y in zip(a, b)], "sum")
+
+    def block_dots(self, pairs: list[tuple[list[jax.Array], list[jax.Array]]],
+                   dtype) -> jax.Array:
+        """Per-block inner products of several pairs of packed vectors at once: ``(K, B)``.
+
+        One reduction per packed array over the ``K`` products stacked (one
+        kernel where :meth:`block_dot` ``K`` times would make ``K``).
+        """
+        parts = []
+        for j in range(len(self.buckets)):
+            prods = jnp.stack([a[j].astype(dtype) * b[j].astype(dtype) for a, b in pairs], -1)
+            parts.append(jnp.sum(prods, axis=tuple(range(1, prods.ndim - 1))))  # (U, K)
+        return self._to_blocks(parts, "sum").T
+
+    def block_max_abs_many(self, vectors: list[list[jax.Array]], dtype) -> jax.Array:
+        """Per-block ``max |v_b|`` of several packed vectors at once: ``(K, B)``."""
+        parts = []
+        for j in range(len(self.buckets)):
+            absv = jnp.stack([jnp.abs(v[j]).astype(dtype) for v in vectors], -1)
+            parts.append(jnp.max(absv, axis=tuple(range(1, absv.ndim - 1)), initial=0.0))
+        return self._to_blocks(parts, "max").T
 
     def block_dot_history(self, history: list[jax.Array], v: list[jax.Array], dtype) -> jax.Array:
         """``<h_m, v>`` per block for every slot ``m`` of ``(M, ...)`` histories: ``(B, M)``."""

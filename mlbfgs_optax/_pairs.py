@@ -70,8 +70,8 @@ def above_roundoff(layout, s, st: ScaleByMLBFGSState, bias_correction: bool, fac
     """
     c_theta = _corrections(st, bias_correction, acc)[0]
     theta = [c_theta * a.astype(acc) for a in st.params_avg]
-    floor = factor * jnp.finfo(acc).eps * layout.block_max_abs(theta, acc)
-    return layout.block_max_abs(s, acc) > floor
+    max_s, max_theta = layout.block_max_abs_many([s, theta], acc)
+    return max_s > factor * jnp.finfo(acc).eps * max_theta
 
 
 def with_pair_momentum(layout, s, y, s_hist, y_hist, newest, num_pairs, pair_momentum, acc):
@@ -116,16 +116,14 @@ def damp(layout, s, y, h: Hyperparams, yy_bound: bool, acc) -> Damped:
     :math:`\max(|s|, |y|)`: they cannot overflow.
     """
     bc = layout.broadcast
-    c = jnp.maximum(layout.block_max_abs(s, acc), layout.block_max_abs(y, acc))
+    c = jnp.max(layout.block_max_abs_many([s, y], acc), axis=0)
     c = 1.0 / _numerics.power_of_two_near(c)
     s_c = [x * bc(c, j, x.ndim) for j, x in enumerate(s)]
     y_c = [x * bc(c, j, x.ndim) for j, x in enumerate(y)]
-    ss = layout.block_dot(s_c, s_c, acc)
-    sy = layout.block_dot(s_c, y_c, acc)
+    ss, sy, yy = layout.block_dots([(s_c, s_c), (s_c, y_c), (y_c, y_c)], acc)
     mu = _numerics.safe_div(sy, ss)
     tau = _damping.damping_weight(mu, h.sigma_low, h.sigma_high, h.tau_max).astype(acc)
     if yy_bound:
-        yy = layout.block_dot(y_c, y_c, acc)
         tau = jnp.minimum(tau, _damping.yy_bound_weight(ss, sy, yy, h.sigma_yy).astype(acc))
     y_hat = [bc(tau, j, x.ndim) * x + (1 - bc(tau, j, x.ndim)) * z
              for j, (x, z) in enumerate(zip(y, s))]
@@ -156,9 +154,7 @@ def products(layout, s, y_hat, acc) -> Products:
     Cauchy-Schwarz, :math:`|a^\top b| \le \|a\| \|b\|`, and every stored
     pair passed this test.
     """
-    ss = layout.block_dot(s, s, acc)
-    sy = layout.block_dot(s, y_hat, acc)
-    yy = layout.block_dot(y_hat, y_hat, acc)
+    ss, sy, yy = layout.block_dots([(s, s), (s, y_hat), (y_hat, y_hat)], acc)
     finite = jnp.isfinite(ss) & jnp.isfinite(sy) & jnp.isfinite(yy)
     return Products(ss, sy, yy, finite)
 

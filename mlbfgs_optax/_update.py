@@ -311,11 +311,18 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     d, new = opts.placement.run(step, layout, g, theta, state, finite)
     # Likewise the direction is computed once into its packed buffers (as a loop
     # of zero or one trip) and only then split per leaf: else XLA would copy its
-    # whole computation into the fusion of every leaf it is split into. Where
-    # the step is not finite, the updates pass through as they came.
+    # whole computation into the fusion of every leaf it is split into. The loop
+    # also hands back every leaf's offset in its bucket, which XLA then cannot
+    # fold into a constant: the kernels that read the leaves of one shape are
+    # one kernel, compiled once, instead of one per leaf. Where the step is not
+    # finite, the updates pass through as they came (offsets 0 serve it).
+    offsets = None
     if splits:
-        d = _numerics.at_most_once(finite, lambda _: d, [jnp.zeros_like(x) for x in d])
-    out = layout.unpack(d, dtypes=g_dtypes)
+        where = [[jnp.int32(o) for o in offs] for offs in layout.leaf_offsets()]
+        d, offsets = _numerics.at_most_once(
+            finite, lambda _: (d, where),
+            ([jnp.zeros_like(x) for x in d], jax.tree.map(jnp.zeros_like, where)))
+    out = layout.unpack(d, dtypes=g_dtypes, offsets=offsets)
     return jax.tree.map(lambda o, u: jnp.where(finite, o, u), out, updates), new
 
 
