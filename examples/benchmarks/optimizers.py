@@ -183,6 +183,15 @@ SPECS = (
             "lr grid (the ablation abl_no_pairs reuses the defaults' lr and runs on the cheap "
             "tasks only)", _mlbfgs(**MLBFGS_DEFAULTS, update_period=10 ** 9), ADAM_GRID,
             (1e-3, 1e-2), _words_default(), DEFAULT_FORMULA, research=True),
+    # Large-batch research (batch_scaling.py): pairs earlier in a short run, one change each.
+    OptSpec("mlbfgs_warmup_T", "mlbfgs defaults with pair_warmup=10 (a pair from the second "
+            "pair step on, instead of after 1/(1-beta) = 100 calls)",
+            _mlbfgs(**MLBFGS_DEFAULTS, pair_warmup=10), ADAM_GRID, (1e-3, 1e-2),
+            _words_default(), DEFAULT_FORMULA, research=True),
+    OptSpec("mlbfgs_beta_0.9", "mlbfgs defaults with beta=0.9 (averages over ~10 calls; the "
+            "pair warm-up 1/(1-beta) falls to 10 with it)",
+            _mlbfgs(**MLBFGS_DEFAULTS, beta=0.9), ADAM_GRID, (1e-3, 1e-2),
+            _words_default(), DEFAULT_FORMULA, research=True),
     OptSpec("mlbfgs_paper", "mlbfgs, the paper's algorithm (the old defaults): paper_defaults + bias "
             "correction + sigma_yy 10*sigma_high, no momentum (H0 = gamma I, lr in SGD units)",
             _mlbfgs(**MLBFGS_PAPER), PAPER_GRID, (0.01, 0.1), mlbfgs_words(M, 10),
