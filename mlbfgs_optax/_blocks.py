@@ -205,8 +205,7 @@ class BlockLayout:
                     parts = [jax.lax.dynamic_index_in_dim(x, o, axis=lead, keepdims=False)
                              for o in offsets[j]]
                 else:
-                    parts = [p.reshape(front + p.shape[lead + 1:])
-                             for p in jax.lax.split(x, (1,) * len(b.leaves), axis=lead)]
+                    parts = jax.lax.split(x, (1,) * len(b.leaves), axis=lead)
                 for i, part in zip(b.leaves, parts):
                     leaves[i] = _cast(part.reshape(front + self.shapes[i]), dtypes[i])
                 continue
@@ -324,9 +323,7 @@ class BlockLayout:
 
     def block_dot(self, a: list[jax.Array], b: list[jax.Array], dtype) -> jax.Array:
         """Per-block inner products ``<a_b, b_b>``, shape ``(B,)``, in ``dtype``."""
-        return self._to_blocks([
-            jnp.sum(x.astype(dtype) * y.astype(dtype), axis=tuple(range(1, x.ndim)))
-            for x, y in zip(a, b)], "sum")
+        return self.block_dots([(a, b)], dtype)[0]
 
     def block_dots(self, pairs: list[tuple[list[jax.Array], list[jax.Array]]],
                    dtype) -> jax.Array:
@@ -391,9 +388,7 @@ class BlockLayout:
 
     def block_max_abs(self, a: list[jax.Array], dtype) -> jax.Array:
         """Per-block ``max |a_b|``, shape ``(B,)``, in ``dtype``."""
-        return self._to_blocks([
-            jnp.max(jnp.abs(x).astype(dtype), axis=tuple(range(1, x.ndim)), initial=0.0)
-            for x in a], "max")
+        return self.block_max_abs_many([a], dtype)[0]
 
     def gather_slot(self, history: jax.Array, slots: jax.Array, i: int) -> jax.Array:
         """Row ``slots[block]`` of a ``(M, U, ...)`` history array, per unit."""
