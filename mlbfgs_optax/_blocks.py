@@ -329,21 +329,19 @@ class BlockLayout:
                    dtype) -> jax.Array:
         """Per-block inner products of several pairs of packed vectors at once: ``(K, B)``.
 
-        One reduction per packed array over the ``K`` products stacked (one
-        kernel where :meth:`block_dot` ``K`` times would make ``K``).
+        One variadic reduction per packed array over the ``K`` products (one
+        kernel that reads each operand once, where :meth:`block_dot` ``K``
+        times would make ``K``).
         """
-        parts = []
-        for j in range(len(self.buckets)):
-            prods = jnp.stack([a[j].astype(dtype) * b[j].astype(dtype) for a, b in pairs], -1)
-            parts.append(jnp.sum(prods, axis=tuple(range(1, prods.ndim - 1))))  # (U, K)
+        parts = [_reduce_units([a[j].astype(dtype) * b[j].astype(dtype) for a, b in pairs],
+                               jax.lax.add, 0)
+                 for j in range(len(self.buckets))]
         return self._to_blocks(parts, "sum").T
 
     def block_max_abs_many(self, vectors: list[list[jax.Array]], dtype) -> jax.Array:
         """Per-block ``max |v_b|`` of several packed vectors at once: ``(K, B)``."""
-        parts = []
-        for j in range(len(self.buckets)):
-            absv = jnp.stack([jnp.abs(v[j]).astype(dtype) for v in vectors], -1)
-            parts.append(jnp.max(absv, axis=tuple(range(1, absv.ndim - 1)), initial=0.0))
+        parts = [_reduce_units([jnp.abs(v[j]).astype(dtype) for v in vectors], jax.lax.max, 0)
+                 for j in range(len(self.buckets))]
         return self._to_blocks(parts, "max").T
 
     def block_dot_history(self, history: list[jax.Array], v: list[jax.Array], dtype) -> jax.Array:
@@ -372,6 +370,9 @@ class BlockLayout:
         parts = []
         for j, h in enumerate(history):
             v = jnp.stack([vk[j].astype(dtype) for vk in vs])  # (K, U, ...)
+            if all(_partitioned(vk[j]) is None for vk in vs):  # see _unit_products
+                parts.append(jnp.einsum("mu...,ku...->umk", h, v, preferred_element_type=dtype))
+                continue
             prod = h.astype(dtype)[:, None] * v[None]  # (M, K, U, ...)
             parts.append(jnp.transpose(jnp.sum(prod, axis=tuple(range(3, prod.ndim))), (2, 0, 1)))
         return self._to_blocks(parts, "sum")
@@ -413,14 +414,29 @@ class BlockLayout:
 jax.tree_util.register_static(BlockLayout)
 
 
-def _buckets(leaves: list, leaf_block: list[int]) -> tuple[Bucket, ...]:
-    """One stacked bucket per (shape, dtype) of the leaves, in order of first leaf."""
+def _reduce_units(xs: list[jax.Array], op, init) -> jax.Array:
+    """``op``-reduction of each of the same-shaped ``(U, ...)`` arrays ``xs`` over all but
+    the unit axis, as one variadic reduction: ``(U, K)``."""
+    axes = tuple(range(1, xs[0].ndim))
+    inits = tuple(jnp.asarray(init, x.dtype) for x in xs)
+    out = jax.lax.reduce(tuple(xs), inits,
+                         lambda a, b: tuple(op(u, v) for u, v in zip(a, b)), axes)
+    return jnp.stack(out, axis=-1)
+
+
+def _groups(leaves: list) -> dict[Any, list[int]]:
+    """The leaves' indices by (shape, dtype), in order of first leaf."""
     groups: dict[Any, list[int]] = {}
     for i, x in enumerate(leaves):
         groups.setdefault((tuple(x.shape), jnp.dtype(x.dtype)), []).append(i)
+    return groups
+
+
+def _buckets(leaves: list, leaf_block: list[int]) -> tuple[Bucket, ...]:
+    """One stacked bucket per (shape, dtype) of the leaves, in order of first leaf."""
     return tuple(Bucket(tuple(members), None, (len(members),) + shape, dtype,
                         tuple(leaf_block[i] for i in members))
-                 for (shape, dtype), members in groups.items())
+                 for (shape, dtype), members in _groups(leaves).items())
 
 
 def _label_name(label: Hashable) -> str:
@@ -443,8 +459,9 @@ def make_layout(params: Any, blocks: BlockSpec) -> BlockLayout:
     Args:
       params: a pytree of arrays or ``jax.ShapeDtypeStruct`` (only shapes,
         dtypes and structure are read).
-      blocks: ``"leaf"`` (one block per parameter leaf), ``"all"`` (one block
-        for everything: classic L-BFGS), an :class:`EqualSlices`, a pytree of
+      blocks: ``"leaf"`` (one block per parameter leaf; the blocks of leaves
+        of one shape and dtype are numbered together, in order of their first
+        leaf), ``"all"`` (one block for everything: classic L-BFGS), an :class:`EqualSlices`, a pytree of
         hashable labels with the structure of ``params`` (leaves with the same
         label form one block), or a callable ``params -> labels``.
 
@@ -531,6 +548,13 @@ def make_layout(params: Any, blocks: BlockSpec) -> BlockLayout:
                 )
 
     order: dict[Hashable, int] = {}
+    if isinstance(blocks, str) and blocks == "leaf":
+        # Bucket by bucket (the leaves of one shape and dtype together): the blocks
+        # of every bucket are then consecutive, and the per-block algebra slices and
+        # concatenates instead of gathering and scattering.
+        for members in _groups(leaves).values():
+            for i in members:
+                order.setdefault(labels[i], len(order))
     for lab in labels:
         order.setdefault(lab, len(order))
     leaf_block = [order[lab] for lab in labels]

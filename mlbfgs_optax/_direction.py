@@ -13,7 +13,7 @@ needs only two passes over the parameter-sized arrays:
 1. :func:`history_products`: :math:`S^\top q`, :math:`\hat Y^\top q` (two
    matrix-vector products; on a pair step they come with the new pair's Gram
    rows from the same pass, :func:`mlbfgs_optax._pairs.gram_rows`), and
-   :math:`q^\top q` (:func:`safe_products`);
+   :math:`q^\top q` (:func:`scaled_products`, :func:`safe_products`);
 2. :func:`combine`: one elementwise pass that reads the history once and
    writes :math:`d`.
 
@@ -51,13 +51,26 @@ def history_products(layout, q: list, s_hist: list, y_hist: list, acc) -> tuple:
     return layout.block_dot_history(s_hist, q, acc), layout.block_dot_history(y_hist, q, acc)
 
 
-def safe_products(layout, whiten, s_hist: list, y_hist: list, products: tuple, acc) -> tuple:
+def scaled_products(layout, q: list, scale, s_hist: list, y_hist: list, acc) -> tuple:
+    r"""The history products of :math:`q_b \cdot \text{scale}_b`: :math:`(S^\top q, \hat Y^\top q, q^\top q)`.
+
+    ``scale`` is ``(B,)``. The update computes the products of the step
+    through this one function, with ``scale`` ones (a buffer XLA cannot fold
+    into a constant) or, for :func:`safe_products`, powers of two: both calls
+    then compile to the same kernels.
+    """
+    qc = [x.astype(acc) * layout.broadcast(scale.astype(acc), j, x.ndim)
+          for j, x in enumerate(q)]
+    return (*history_products(layout, qc, s_hist, y_hist, acc), layout.block_dot(qc, qc, acc))
+
+
+def safe_products(layout, products_of, q_of, products: tuple, acc) -> tuple:
     r"""The history products, retaken of a rescaled :math:`q` if needed.
 
     ``products`` are :math:`(S^\top q, \hat Y^\top q, q^\top q)` as taken of
-    :math:`q` as it is (:func:`history_products`, or on a pair step
-    :func:`mlbfgs_optax._pairs.gram_rows`); ``whiten()`` returns ``(q, ...)``.
-    Only when one of them is not finite, or :math:`q^\top q` lies outside
+    :math:`q` as it is (:func:`scaled_products`, or on a pair step
+    :func:`mlbfgs_optax._pairs.gram_rows`). Only when one of them is not
+    finite, or :math:`q^\top q` lies outside
     :math:`[\sqrt{\rm tiny}, \sqrt{\rm max}]` of ``acc`` (so that a product
     may have overflowed or lost its digits), are they taken again of
     :math:`q_b / c_b`, with :math:`c_b` the power of two nearest
@@ -65,6 +78,14 @@ def safe_products(layout, whiten, s_hist: list, y_hist: list, products: tuple, a
     every other step (its large operands are only read, so XLA copies none).
     The direction is linear in :math:`q`: coefficients computed from rescaled
     products are multiplied by :math:`c` before :func:`combine`.
+
+    Args:
+      layout: the block layout.
+      products_of: ``scale -> (S^T q', Y^T q', q'^T q')`` of :math:`q' = q \cdot
+        \text{scale}` per block (:func:`scaled_products`).
+      q_of: ``() -> q``, packed.
+      products: the products of :math:`q` itself.
+      acc: the accumulation dtype.
 
     Returns:
       ``(sg, yg, gg, c)``: the (possibly rescaled) products and ``c`` per
@@ -75,12 +96,8 @@ def safe_products(layout, whiten, s_hist: list, y_hist: list, products: tuple, a
           & jnp.all(_in_range(gg, acc)))
 
     def rescaled():
-        q = whiten()[0]
-        c = _numerics.power_of_two_near(layout.block_max_abs(q, acc))
-        inv = 1.0 / c
-        qc = [x * layout.broadcast(inv, j, x.ndim) for j, x in enumerate(q)]
-        return (*history_products(layout, qc, s_hist, y_hist, acc), layout.block_dot(qc, qc, acc),
-                c)
+        c = _numerics.power_of_two_near(layout.block_max_abs(q_of(), acc))
+        return (*products_of(1.0 / c), c)
 
     with jax.named_scope("rescaled_products"):
         return jax.lax.cond(ok, lambda: (sg, yg, gg, jnp.ones_like(gg)), rescaled)

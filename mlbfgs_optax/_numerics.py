@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def accumulation_dtype(*dtypes) -> jnp.dtype:
@@ -32,12 +33,13 @@ def safe_div(num: jax.Array, den: jax.Array, default: float = 0.0) -> jax.Array:
 
 
 def power_of_two_near(x: jax.Array) -> jax.Array:
-    r"""The power of two nearest to ``x > 0``, elementwise; 1 where ``x`` is 0 or not finite.
+    r"""The power of two nearest to ``x > 0`` (in :math:`\log_2`), elementwise; 1 where ``x`` is 0 or not finite.
 
     Dividing a vector by this before dot products (and multiplying back after)
-    keeps them finite for huge but finite inputs. (``exp2`` is not exact for
-    large exponents on every backend, so the factor is a power of two only to
-    within a few ulps; every use divides and multiplies by the same value.)
+    keeps them finite for huge but finite inputs. Exact: read off the bits of
+    ``x`` (its exponent, and whether its mantissa is at least
+    :math:`\sqrt 2`), no logarithm. Below the smallest normal number it is
+    that number, so that its inverse stays finite.
 
     Example:
       >>> import jax.numpy as jnp
@@ -45,7 +47,17 @@ def power_of_two_near(x: jax.Array) -> jax.Array:
       >>> power_of_two_near(jnp.array([3.0, 0.0, jnp.inf, 0.2]))
       Array([4.  , 1.  , 1.  , 0.25], dtype=float32)
     """
-    return jnp.where(jnp.isfinite(x) & (x > 0), jnp.exp2(jnp.round(jnp.log2(x))), 1.0)
+    x = jnp.asarray(x)
+    fi = jnp.finfo(x.dtype)
+    as_uint = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[fi.bits]
+    exponent_bits = ((1 << fi.nexp) - 1) << fi.nmant
+    bits = jax.lax.bitcast_convert_type(x, as_uint)
+    # 2^floor(log2 x) for a normal x > 0: x with its mantissa bits cleared.
+    low = jax.lax.bitcast_convert_type(bits & jnp.asarray(exponent_bits, as_uint), x.dtype)
+    up = (x >= low * np.sqrt(2.0).astype(x.dtype)) & (low < fi.max / 2)
+    p = jnp.where(up, 2 * low, low)
+    p = jnp.where(x < fi.tiny, jnp.asarray(fi.tiny, x.dtype), p)
+    return jnp.where(jnp.isfinite(x) & (x > 0), p, jnp.ones_like(x))
 
 
 def at_most_once(pred, fn, carry):

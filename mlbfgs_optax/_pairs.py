@@ -219,9 +219,8 @@ def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok,
     s_hist = [layout.scatter_slot(h, v, slot, ok, j) for j, (h, v) in enumerate(zip(s_hist, s))]
     y_hist = [layout.scatter_slot(h, v, slot, ok, j)
               for j, (h, v) in enumerate(zip(y_hist, y_hat))]
-    blocks_idx = jnp.arange(layout.num_blocks)
-    old_rho = st.rho[blocks_idx, slot]
-    rho = st.rho.at[blocks_idx, slot].set(jnp.where(ok, _numerics.safe_div(1.0, p.sy), old_rho))
+    at_slot = _slot_mask(slot, st.rho.shape[1]) & ok[:, None]
+    rho = jnp.where(at_slot, _numerics.safe_div(1.0, p.sy)[:, None], st.rho)
 
     return st._replace(
         s_history=s_hist,
@@ -234,6 +233,11 @@ def store(layout, st: ScaleByMLBFGSState, s, y_hat, p: Products, slot, ok,
     )
 
 
+def _slot_mask(slot, num_slots: int) -> jax.Array:
+    """``(B, M)``: True at ``slot[b]`` of every block (elementwise writes, no scatter)."""
+    return jnp.arange(num_slots)[None, :] == slot[:, None]
+
+
 def written_fields(refresh_grad_average: bool) -> tuple[str, ...]:
     """The state fields :func:`form_pair` writes; it only reads the others."""
     return (("s_history", "y_history", "rho", "gamma", "sy_gram", "yy_gram", "ss_gram", "newest",
@@ -244,12 +248,12 @@ def written_fields(refresh_grad_average: bool) -> tuple[str, ...]:
 
 def store_gram_rows(layout, st: ScaleByMLBFGSState, rows, slot, ok) -> ScaleByMLBFGSState:
     """Writes the pair's Gram rows and columns (:func:`gram_rows`) at ``slot`` where ``ok``."""
-    blocks_idx = jnp.arange(layout.num_blocks)
     row_ss, col_sy, row_sy, row_yy = rows
+    at_slot = _slot_mask(slot, st.rho.shape[1]) & ok[:, None]
 
-    def set_cross(gram, row, col):
-        new = gram.at[blocks_idx, slot, :].set(row).at[blocks_idx, :, slot].set(col)
-        return jnp.where(ok[:, None, None], new, gram)
+    def set_cross(gram, row, col):  # row ``slot``, then column ``slot``
+        new = jnp.where(at_slot[:, :, None], row[:, None, :].astype(gram.dtype), gram)
+        return jnp.where(at_slot[:, None, :], col[:, :, None].astype(gram.dtype), new)
 
     return st._replace(sy_gram=set_cross(st.sy_gram, row_sy, col_sy),
                        yy_gram=set_cross(st.yy_gram, row_yy, row_yy),
@@ -306,7 +310,7 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     # The pair as it will be stored, in the history dtype.
     s_st = [x.astype(d) for x, d in zip(s, dt.history)]
     y_st = [x.astype(d) for x, d in zip(damped.y_hat, dt.history)]
-    slot = (st.newest + 1) % opts.memory_size
+    slot = jax.lax.rem(st.newest + 1, jnp.asarray(opts.memory_size, st.newest.dtype))
     prod = products(layout, s_st, y_st, acc)
     warmup = 1.0 / (1.0 - h.beta) if h.pair_warmup is None else h.pair_warmup
     may_store = (t >= h.update_period) & (t >= warmup)  # a snapshot exists, warm-up over

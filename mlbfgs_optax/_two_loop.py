@@ -242,10 +242,18 @@ def gram_coefficients(sg, yg, rho, gamma, newest, sy_gram, yy_gram, acc):
     """
     num_slots = rho.shape[-1]
     ages = jnp.arange(num_slots)
-    slots = (newest[:, None] - ages[None, :]) % num_slots  # (B, M)
-    by_age = lambda x: jnp.take_along_axis(x.astype(acc), slots, axis=1)
-    by_age2 = lambda m: jnp.take_along_axis(
-        jnp.take_along_axis(m.astype(acc), slots[:, :, None], axis=1), slots[:, None, :], axis=2)
+    # The permutation between slot and age order as a one-hot (B, M, M) mask,
+    # [b, a, s] = (slot s holds the pair of age a): selects and sums, exact, and a
+    # few small elementwise kernels where gathers and scatters would be many.
+    ages = ages.astype(newest.dtype)
+    slots = jax.lax.rem(newest[:, None] + num_slots - ages[None, :],
+                        jnp.asarray(num_slots, newest.dtype))  # (B, M)
+    perm = slots[:, :, None] == ages[None, None, :]
+    pick = lambda mask, x: jnp.sum(jnp.where(mask, x, 0.0), axis=-1)
+    by_age = lambda x: pick(perm, x.astype(acc)[:, None, :])
+    rows_by_age = lambda m: pick(perm[:, :, None, :], jnp.swapaxes(m, 1, 2)[:, None])
+    by_age2 = lambda m: pick(perm[:, None], rows_by_age(m.astype(acc))[:, :, None, :])
+    to_slots = lambda x: pick(jnp.swapaxes(perm, 1, 2), x[:, None, :])
     sg, yg, r = by_age(sg), by_age(yg), by_age(rho)
     c_mat, d_mat = by_age2(sy_gram), by_age2(yy_gram)
     zeros = jnp.zeros_like(rho, dtype=acc)  # inherits a shard_map varying type
@@ -263,6 +271,4 @@ def gram_coefficients(sg, yg, rho, gamma, newest, sy_gram, yy_gram, acc):
         return c.at[:, i].set(alpha[:, i] - beta_i), None
 
     c, _ = jax.lax.scan(second, zeros, ages, reverse=True)
-    # Back to slot order.
-    rows = jnp.arange(rho.shape[0])[:, None]
-    return zeros.at[rows, slots].set(c), zeros.at[rows, slots].set(-gam[:, None] * alpha)
+    return to_slots(c), to_slots(-gam[:, None] * alpha)  # back to slot order

@@ -158,7 +158,7 @@ def at_most_once(pred, fn, state: ScaleByMLBFGSState, fields, extra=()):
     return state._replace(**carried), extra
 
 
-def fused_direction(layout, opts: Options, h: Hyperparams, whiten, products,
+def fused_direction(layout, opts: Options, h: Hyperparams, whiten, products_of, products,
                     st: ScaleByMLBFGSState, acc) -> list:
     r"""Step 3 in two passes over the history (:mod:`mlbfgs_optax._direction`).
 
@@ -168,11 +168,13 @@ def fused_direction(layout, opts: Options, h: Hyperparams, whiten, products,
     current history, with the step bound's norm taken from inner products
     instead of a pass over the direction. ``whiten()`` returns ``(q, root_d)``;
     every pass that needs :math:`q` calls it, so that XLA computes :math:`q`
-    inside that pass instead of storing it.
+    inside that pass instead of storing it. ``products_of(scale)``: the
+    products of :math:`q` scaled per block (:func:`_direction.scaled_products`).
     """
     s_hist = st.s_history
     y_hist = st.y_history
-    sg, yg, gg, c = _direction.safe_products(layout, whiten, s_hist, y_hist, products, acc)
+    sg, yg, gg, c = _direction.safe_products(layout, products_of, lambda: whiten()[0], products,
+                                             acc)
     coef_s, coef_y = _two_loop.gram_coefficients(sg, yg, st.rho, st.gamma, st.newest,
                                                  st.sy_gram, st.yy_gram, acc)
     gam = st.gamma.astype(acc)
@@ -239,6 +241,15 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
         s_hist = new.s_history
         y_hist = new.y_history
         zeros = jnp.zeros_like(state.rho, dtype=dt.acc)
+        # Ones per block, as a buffer XLA cannot fold into a constant (zeros on a step
+        # that is not finite, whose direction is not used): the products of q are
+        # taken as those of q * ones, so that the rarely needed retake of the products
+        # of a rescaled q (safe_products) is the same kernels, not compiled twice.
+        unit = _numerics.at_most_once(finite, jnp.ones_like,
+                                      jnp.zeros_like(state.gamma, dtype=dt.acc))
+
+        def products_of(scale):
+            return _direction.scaled_products(layout, whiten()[0], scale, s_hist, y_hist, dt.acc)
 
         @jax.named_scope("pair_products")
         def with_pair():
@@ -248,17 +259,12 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
 
         @jax.named_scope("ordinary_products")
         def without_pair():
-            products = None
-            if fused:
-                q = whiten()[0]
-                products = (*_direction.history_products(layout, q, s_hist, y_hist, dt.acc),
-                            layout.block_dot(q, q, dt.acc))
-            return (zeros,) * 4, products
+            return (zeros,) * 4, (products_of(unit) if fused else None)
 
         rows, products = jax.lax.cond(is_pair_step, with_pair, without_pair)
         new = _pairs.store_gram_rows(layout, new, rows, new.newest, stored)
     if fused:
-        d = fused_direction(layout, opts, h, whiten, products, new, dt.acc)
+        d = fused_direction(layout, opts, h, whiten, products_of, products, new, dt.acc)
     else:
         d = metric_direction(layout, opts, h, g, new, whiten()[1], dt.acc)
     if opts.normalize:

@@ -72,20 +72,25 @@ def test_safe_products_rescale_only_out_of_range():
     layout = _blocks.make_layout(jnp.zeros(4), "all")
     s_hist = layout.pack(jnp.asarray([[1.0, 2.0, 0.0, 1.0]]), lead=1)
     y_hist = layout.pack(jnp.asarray([[2.0, 1.0, 1.0, 0.0]]), lead=1)
-    whiten = lambda q: (lambda: (layout.pack(q), None))
+    one = jnp.ones(1, jnp.float64)
+
+    def safe(q):
+        products_of = lambda scale: _direction.scaled_products(layout, layout.pack(q), scale,
+                                                               s_hist, y_hist, jnp.float64)
+        products = products_of(one)
+        return products, _direction.safe_products(layout, products_of, lambda: layout.pack(q),
+                                                  products, jnp.float64)
+
     q = jnp.asarray([1.0, -1.0, 0.5, 2.0])
-    products = (*_direction.history_products(layout, layout.pack(q), s_hist, y_hist, jnp.float64),
-                layout.block_dot(layout.pack(q), layout.pack(q), jnp.float64))
-    sg, yg, gg, c = _direction.safe_products(layout, whiten(q), s_hist, y_hist, products,
-                                             jnp.float64)
+    products, (sg, yg, gg, c) = safe(q)
     assert float(c[0]) == 1.0 and float(gg[0]) == float(q @ q)
+    np.testing.assert_allclose(
+        np.asarray(products[0]),
+        np.asarray(_direction.history_products(layout, layout.pack(q), s_hist, y_hist,
+                                               jnp.float64)[0]))
     big = q * 1e200
-    products = (*_direction.history_products(layout, layout.pack(big), s_hist, y_hist,
-                                             jnp.float64),
-                layout.block_dot(layout.pack(big), layout.pack(big), jnp.float64))
+    products, (sg2, yg2, gg2, c2) = safe(big)
     assert not np.isfinite(float(products[2][0]))
-    sg2, yg2, gg2, c2 = _direction.safe_products(layout, whiten(big), s_hist, y_hist, products,
-                                                 jnp.float64)
     r = 1e200 / float(c2[0])  # q / c = r * q, with c a power of two near max|q|
     assert 0.25 <= r <= 1.0 and np.log2(float(c2[0])) == round(np.log2(float(c2[0])))
     np.testing.assert_allclose(float(gg2[0]), float(q @ q) * r * r, rtol=1e-12)
