@@ -34,8 +34,8 @@ def _corrections(st: ScaleByMLBFGSState, bias_correction: bool, acc) -> tuple:
     r"""The factors :math:`1/(1-\beta^k)` of the four averages (all 1 without correction)."""
     if not bias_correction:
         return (1.0,) * 4
-    w = st.avg_weights.astype(acc)
-    return tuple(_numerics.safe_div(1.0, w[i]) for i in range(4))
+    c = _numerics.safe_div(1.0, st.avg_weights.astype(acc))  # one (4,) vector, one kernel
+    return tuple(c[i] for i in range(4))
 
 
 def candidate(layout, st: ScaleByMLBFGSState, bias_correction: bool, acc):
