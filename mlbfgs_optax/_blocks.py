@@ -329,18 +329,17 @@ class BlockLayout:
                    dtype) -> jax.Array:
         """Per-block inner products of several pairs of packed vectors at once: ``(K, B)``.
 
-        One variadic reduction per packed array over the ``K`` products (one
-        kernel that reads each operand once, where :meth:`block_dot` ``K``
-        times would make ``K``).
+        One reduction per packed array over the ``K`` products stacked (one
+        kernel where :meth:`block_dot` ``K`` times would make ``K``).
         """
         parts = [_reduce_units([a[j].astype(dtype) * b[j].astype(dtype) for a, b in pairs],
-                               jax.lax.add, 0)
+                               "sum")
                  for j in range(len(self.buckets))]
         return self._to_blocks(parts, "sum").T
 
     def block_max_abs_many(self, vectors: list[list[jax.Array]], dtype) -> jax.Array:
         """Per-block ``max |v_b|`` of several packed vectors at once: ``(K, B)``."""
-        parts = [_reduce_units([jnp.abs(v[j]).astype(dtype) for v in vectors], jax.lax.max, 0)
+        parts = [_reduce_units([jnp.abs(v[j]).astype(dtype) for v in vectors], "max")
                  for j in range(len(self.buckets))]
         return self._to_blocks(parts, "max").T
 
@@ -414,14 +413,19 @@ class BlockLayout:
 jax.tree_util.register_static(BlockLayout)
 
 
-def _reduce_units(xs: list[jax.Array], op, init) -> jax.Array:
-    """``op``-reduction of each of the same-shaped ``(U, ...)`` arrays ``xs`` over all but
-    the unit axis, as one variadic reduction: ``(U, K)``."""
-    axes = tuple(range(1, xs[0].ndim))
-    inits = tuple(jnp.asarray(init, x.dtype) for x in xs)
-    out = jax.lax.reduce(tuple(xs), inits,
-                         lambda a, b: tuple(op(u, v) for u, v in zip(a, b)), axes)
-    return jnp.stack(out, axis=-1)
+def _reduce_units(xs: list[jax.Array], op: str) -> jax.Array:
+    """``op`` (``"sum"`` or ``"max"``) of each of the same-shaped ``(U, ...)`` arrays ``xs``
+    over all but the unit axis: ``(U, K)``.
+
+    One reduction over the ``K`` arrays stacked on a last axis. (A variadic
+    reduction would make one kernel without the stack, but the SPMD partitioner
+    gathers its partial results over the devices instead of all-reducing them.)
+    """
+    stacked = jnp.stack(xs, -1)
+    axes = tuple(range(1, stacked.ndim - 1))
+    if op == "sum":
+        return jnp.sum(stacked, axis=axes)
+    return jnp.max(stacked, axis=axes, initial=0.0)
 
 
 def _groups(leaves: list) -> dict[Any, list[int]]:
