@@ -3,6 +3,7 @@
 Checks structure only (files, keys, finite timings), never the measured numbers.
 """
 
+import functools
 import json
 import math
 import os
@@ -151,8 +152,8 @@ def test_cifar10_task_reads_a_user_directory(tmp_path, monkeypatch):
     assert "cifar10_cnn" in tasks.default_tasks()
     task = tasks.make_task("cifar10_cnn")
     assert task.x_train.shape == (20, 32, 32, 3) and task.x_test.shape == (4, 32, 32, 3)
-    params = task.init(jax.random.PRNGKey(0))
-    logits = task.apply(params, task.x_test)
+    params = jax.jit(task.init)(jax.random.PRNGKey(0))  # jitted: one compile, not one per op
+    logits = jax.jit(task.apply)(params, task.x_test)
     assert logits.shape == (4, 10)
 
 
@@ -228,8 +229,10 @@ def test_resnet_batch_stats_are_carried_through_the_train_state():
 
     model = scale_tasks.ResNet(1, 4)
     x = jnp.ones((2, 32, 32, 1))
-    variables = model.init(jax.random.key(0), x, train=False)
-    _, new = model.apply(variables, x * 3.0, train=True, mutable=["batch_stats"])
+    # Jitted: one compile each instead of one per operation.
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+    _, new = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
+        variables, x * 3.0)
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
                            new["batch_stats"])
     assert any(jax.tree.leaves(changed))

@@ -96,9 +96,19 @@ def _bytes_per_device(tree):
     return per_dev
 
 
-@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
-@pytest.mark.parametrize("normalize,set_mesh,jit_init", [
-    (False, True, False), (True, True, True), (False, False, True), (True, False, False)])
+_SLOW = pytest.mark.slow
+
+
+# Every (normalize, set_mesh, jit_init) case runs under one axis type in CI, the
+# other axis type in the slow tier (~10 s each): the axis type changes how the
+# state is placed, which every case checks; the case changes the step.
+@pytest.mark.parametrize("axis_type,normalize,set_mesh,jit_init", [
+    ("Explicit", False, True, False), ("Auto", True, True, True),
+    ("Explicit", False, False, True), ("Auto", True, False, False),
+    pytest.param("Auto", False, True, False, marks=_SLOW),
+    pytest.param("Explicit", True, True, True, marks=_SLOW),
+    pytest.param("Auto", False, False, True, marks=_SLOW),
+    pytest.param("Explicit", True, False, False, marks=_SLOW)])
 def test_gspmd_matches_single_device(axis_type, normalize, set_mesh, jit_init):
     """ZeRO: replicated params, EqualSlices state sharded over the data axis."""
     with jax.enable_x64(True):
@@ -352,11 +362,22 @@ def _follow_init(opt, params, mesh, specs, axis_type, set_mesh):
         return None
 
 
-@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
-@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
-@pytest.mark.parametrize("set_mesh", [
-    # Without a mesh in context (~18 s each): slow; the set_mesh cases cover every layout.
-    pytest.param(False, marks=pytest.mark.slow), True], ids=["no_set_mesh", "set_mesh"])
+def _follow_cases():
+    """Every layout under a mesh in context, with one axis type in CI and the other in
+    the slow tier; without a mesh in context (~18 s each), all slow. The axis type
+    changes how init places the state (both kinds run in CI, on different layouts);
+    the layout changes which axes the state follows."""
+    ci = {("data_model_2d", "Explicit"), ("fsdp", "Auto"), ("tensor_parallel", "Explicit")}
+    for layout in sorted(_LAYOUTS):
+        for axis_type in ("Explicit", "Auto"):
+            for set_mesh in (False, True):
+                slow = not set_mesh or (layout, axis_type) not in ci
+                yield pytest.param(layout, axis_type, set_mesh, marks=[_SLOW] if slow else [],
+                                   id=f"{'set_mesh' if set_mesh else 'no_set_mesh'}-"
+                                      f"{axis_type}-{layout}")
+
+
+@pytest.mark.parametrize("layout,axis_type,set_mesh", list(_follow_cases()))
 def test_state_follows_param_sharding_and_matches_one_device(layout, axis_type, set_mesh):
     shape, names, specs = _LAYOUTS[layout]
     mesh = jax.make_mesh(shape, names,

@@ -121,6 +121,9 @@ def test_two_processes_match_single_device(tmp_path):
     assert max(np.max(np.abs(other[n] - ref[n])) for n in ("w", "b")) > 1e-3
 
 
+# ~22 s: slow. CI runs the cluster once (above); the single-process tests of
+# tests/test_distributed.py cover FSDP params with leaf blocks on 8 devices.
+@pytest.mark.slow
 def test_two_processes_fsdp_params_with_leaf_blocks_match_single_device(tmp_path):
     """Params sharded on their first axis across processes; the state follows them."""
     result = _run_cluster(tmp_path / "params.npz", mode="fsdp")

@@ -160,6 +160,20 @@ by_optimizer = pytest.mark.parametrize("case", OPTIMIZERS, ids=[c.name for c in 
 _CORE = [c for c in OPTIMIZERS if c.name in ("mlbfgs", "scale_by_chain")]
 by_core_optimizer = pytest.mark.parametrize("case", _CORE, ids=[c.name for c in _CORE])
 
+
+def _core_in_ci(names=("mlbfgs", "scale_by_chain")):
+    """Every case, the ``names`` ones in CI and the others in the slow tier."""
+    return pytest.mark.parametrize("case", [
+        pytest.param(c, id=c.name, marks=[] if c.name in names else [pytest.mark.slow])
+        for c in OPTIMIZERS])
+
+
+# Checks where momentum and one block change nothing the check looks at run on the
+# two ways to build the optimizer in CI, and on every case in the slow tier; the
+# sharding checks also keep the one-block layout in CI.
+by_optimizer_core_in_ci = _core_in_ci()
+by_optimizer_sharding_in_ci = _core_in_ci(("mlbfgs", "scale_by_chain", "mlbfgs_blocks_all"))
+
 # Hyperparameters that fix a shape and so cannot be injected.
 STATIC_ARGS = ("memory_size",)
 
@@ -310,8 +324,17 @@ def test_tree_map_params(case):
 # Without momentum the constant-lr steps near Rosenbrock's optimum are RMSprop-like and
 # do not settle (measured: f = 3e-9 after 10,000 steps, 0.14 after 30,000); the defaults
 # and every chain with momentum converge. tests/test_metric.py pins that behaviour.
-@by_optimizer
-@pytest.mark.parametrize("target", list(TARGETS))
+def _convergence_cases():
+    """Every case on every target; in CI the defaults on every target and the other
+    cases on the two hard ones (the easy parabolas add nothing those do not check)."""
+    for c in OPTIMIZERS:
+        for target in TARGETS:
+            slow = c.name != "mlbfgs" and target in ("parabola", "matrix_parabola")
+            yield pytest.param(c, target, id=f"{target}-{c.name}",
+                               marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("case,target", list(_convergence_cases()))
 def test_converges(case, target):
     if case.name == "mlbfgs_no_momentum" and target == "rosenbrock":
         pytest.skip("momentum=None at a constant lr does not settle on Rosenbrock "
@@ -330,7 +353,7 @@ def test_converges(case, target):
     assert_trees_close(final, minimiser, rtol=3e-2, atol=3e-2)
 
 
-@by_optimizer
+@by_optimizer_core_in_ci
 def test_inject_hyperparams(case):
     hparams = dict(learning_rate=CONTRIB_LR, **case.kwargs)
     opt = case.factory(**hparams)
@@ -411,7 +434,7 @@ def test_learning_rate_annotation(case):
     assert annotation in (optax.ScalarOrSchedule, optax.Schedule)
 
 
-@by_optimizer
+@by_optimizer_core_in_ci
 def test_learning_rate_schedule(case):
     start, _, objective = parabola(jnp.float32)
     optimizers = [case.make(optax.constant_schedule(1e-3)), case.make(1e-3)]
@@ -452,7 +475,7 @@ def _sharded_zeros(mesh):
     return jax.device_put(jnp.zeros((2, 8, 4), dtype=jnp.float16), sharding)
 
 
-@by_optimizer
+@by_optimizer_sharding_in_ci
 @by_axis_type
 def test_state_sharding_type_init_match_update(case, axis_type):
     opt = case.make(SHARDING_LR)
@@ -464,7 +487,7 @@ def test_state_sharding_type_init_match_update(case, axis_type):
         assert_same_types(state1, state0)
 
 
-@by_optimizer
+@by_optimizer_sharding_in_ci
 @by_axis_type
 def test_state_sharding_type_preserved_with_jit(case, axis_type):
     opt = case.make(SHARDING_LR)
