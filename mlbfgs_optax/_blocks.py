@@ -202,7 +202,8 @@ class BlockLayout:
             front = tuple(x.shape[:lead])
             if b.starts is None:
                 if offsets is not None:
-                    parts = [jax.lax.dynamic_index_in_dim(x, o, axis=lead, keepdims=False)
+                    parts = [jax.lax.dynamic_index_in_dim(x, o, axis=lead, keepdims=False,
+                                                          allow_negative_indices=False)
                              for o in offsets[j]]
                 else:
                     parts = jax.lax.split(x, (1,) * len(b.leaves), axis=lead)
@@ -211,7 +212,8 @@ class BlockLayout:
                 continue
             flat = x.reshape(front + (-1,))
             if offsets is not None:
-                parts = [jax.lax.dynamic_slice_in_dim(flat, o, math.prod(self.shapes[i]), axis=lead)
+                parts = [jax.lax.dynamic_slice_in_dim(flat, o, math.prod(self.shapes[i]), axis=lead,
+                                                      allow_negative_indices=False)
                          for i, o in zip(b.leaves, offsets[j])]
             else:
                 sizes, pos = [], 0

@@ -277,13 +277,13 @@ def test_scale_resnet_reads_cifar10_from_a_user_directory(tmp_path, monkeypatch)
     monkeypatch.setenv("CIFAR10_DIR", str(tmp_path))
     task = scale_tasks.resnet_task(quick=True, width=4, batch_size=2)
     assert task.info["dataset"] == "CIFAR-10" and task.data["x_train"].shape == (20, 32, 32, 3)
-    x, y = task.sample(jax.random.key(0), task.data)
+    x, y = jax.jit(task.sample)(jax.random.key(0), task.data)
     assert x.shape == (2, 32, 32, 3) and y.shape == (2,)
-    params, model_state = task.init(jax.random.key(0))
+    # Shapes only (the model's numbers are checked above): a ResNet compiles slowly on CPU.
+    params, model_state = jax.eval_shape(task.init, jax.random.key(0))
     assert "batch_stats" in model_state
-    loss, new_state = task.loss(params, model_state, x, y)
-    assert np.isfinite(float(loss)) and jax.tree.structure(new_state) == jax.tree.structure(
-        model_state)
+    loss, new_state = jax.eval_shape(task.loss, params, model_state, x, y)
+    assert loss.shape == () and jax.tree.structure(new_state) == jax.tree.structure(model_state)
 
 
 @pytest.mark.slow  # 70 s; the timing harness is exercised by tests/test_compile_cost.py

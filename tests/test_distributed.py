@@ -398,6 +398,7 @@ def test_state_follows_param_sharding_and_matches_one_device(layout, axis_type, 
     _assert_same(p, ref)
 
 
+@pytest.mark.slow  # 17 s; float32 sharded state is covered by tests/test_optax_contract.py
 def test_state_follows_param_sharding_in_float32():
     shape, names, specs = _LAYOUTS["fsdp"]
     mesh = jax.make_mesh(shape, names)

@@ -32,7 +32,8 @@ def _ring(pairs, memory, newest):
     return s_hist, y_hist, rho
 
 
-@pytest.mark.parametrize("memory", [1, 3, 5])
+# memory 3 already wraps the ring at every position; memory 5 (7 s) runs in the slow tier.
+@pytest.mark.parametrize("memory", [1, 3, pytest.param(5, marks=pytest.mark.slow)])
 def test_matches_dense_bfgs_for_every_ring_position(memory):
     rng = np.random.default_rng(memory)
     n = 7

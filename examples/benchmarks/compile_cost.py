@@ -489,7 +489,20 @@ COMPILE_TRIES = 3
 
 
 def _compile(setup: Setup, tries: int):
-    """``(traced, lowered, compiled, (trace_s, lower_s, xla_s))`` of the try with the least total."""
+    """``(traced, lowered, compiled, (trace_s, lower_s, xla_s))`` of the try with the least total.
+
+    Every try compiles afresh: the in-memory caches are cleared and a
+    persistent compilation cache, if one is configured, is off meanwhile.
+    """
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return _least_of(setup, tries)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
+
+
+def _least_of(setup: Setup, tries: int):
     best = None
     for _ in range(max(1, tries)):
         jax.clear_caches()
