@@ -29,8 +29,14 @@ def _history(rng, layout, memory, num_pairs, newest):
     return s_hist, y_hist, rho
 
 
-@pytest.mark.parametrize("memory", [3, _direction.MAX_UNROLLED_MEMORY + 2])
-@pytest.mark.parametrize("blocks", ["all", mlbfgs_optax.EqualSlices(1)])
+# Both memory sizes (unrolled and contracted combine) and both bucket kinds run in CI,
+# crossed; the other two crossings in the slow tier.
+@pytest.mark.parametrize("blocks,memory", [
+    ("all", 3), (mlbfgs_optax.EqualSlices(1), _direction.MAX_UNROLLED_MEMORY + 2),
+    pytest.param("all", _direction.MAX_UNROLLED_MEMORY + 2, marks=pytest.mark.slow),
+    pytest.param(mlbfgs_optax.EqualSlices(1), 3, marks=pytest.mark.slow)],
+    ids=["all-3", f"slices-{_direction.MAX_UNROLLED_MEMORY + 2}",
+         f"all-{_direction.MAX_UNROLLED_MEMORY + 2}", "slices-3"])
 def test_coefficients_and_combine_equal_scan_two_loop(memory, blocks):
     """d = gamma q + S c_s + Y c_y from the Gram coefficients and the combining pass (unrolled
     and, beyond MAX_UNROLLED_MEMORY, contracted) equals the scan two-loop."""

@@ -411,7 +411,7 @@ def test_state_follows_param_sharding_in_float32():
     _assert_same(p, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+@pytest.mark.parametrize("axis_type", ["Explicit", pytest.param("Auto", marks=_SLOW)])
 def test_followed_sharding_step_only_all_reduces_scalars(axis_type):
     """No all-gather of history or averages: only per-block scalars, M-vectors and, on the pair
     step, the (M, 3) products of the history with the new pair and the step's vector cross."""

@@ -30,7 +30,9 @@ def _quadratic_trajectory(n=20, steps=12, seed=0):
 # References ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("memory", [1, 2, 5, 10])
+# Memory 1 and 10 in CI (no history, and a full ring); 2 and 5 in the slow tier.
+@pytest.mark.parametrize("memory", [1, pytest.param(2, marks=pytest.mark.slow),
+                                    pytest.param(5, marks=pytest.mark.slow), 10])
 def test_reduces_to_optax_lbfgs(memory):
     """beta=0, T=1, damping off, one block: optax.scale_by_lbfgs's directions."""
     with jax.enable_x64(True):
@@ -514,8 +516,9 @@ def test_hessian_vector_pairs_through_inject_hyperparams_and_multisteps():
         assert float(f(q)) < float(f(p))
 
 
-@pytest.mark.parametrize("pair_warmup,beta,first", [(None, 0.9, 14), (None, 0.5, 9),
-                                                    (0, 0.9, 9), (25, 0.5, 29)])
+@pytest.mark.parametrize("pair_warmup,beta,first", [
+    (None, 0.9, 14), pytest.param(None, 0.5, 9, marks=pytest.mark.slow),  # same rule as above
+    (0, 0.9, 9), (25, 0.5, 29)])
 def test_pair_warmup_delays_the_first_stored_pair(pair_warmup, beta, first):
     """No pair before call ``pair_warmup`` (None: 1 / (1 - beta)); T = 5, so pair steps
     are calls 4, 9, 14, ... and the first is only a snapshot."""

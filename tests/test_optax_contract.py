@@ -279,7 +279,7 @@ by_axis_type = pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
 # contrib/_common_test.py
 
 
-@by_optimizer
+@_core_in_ci()
 def test_accepts_extra_args_without_recompiling(case):
     opt = case.make(CONTRIB_LR)  # deliberately not wrapped in with_extra_args_support
     start, _, objective = rosenbrock(jnp.float32)

@@ -290,8 +290,17 @@ _EXTREME_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("scale", [1e30, 1e-30, 1.0], ids=["1e30", "1e-30", "1"])
-@pytest.mark.parametrize("config", ["default", "beta0-T1", "authors"])
+def _magnitude_cases():
+    """Every (config, scale); in CI each config and each scale at least once, and the
+    largest scale with the defaults and the authors' settings; the rest in the slow tier."""
+    ci = {("default", "1e30"), ("authors", "1e30"), ("beta0-T1", "1e-30"), ("authors", "1")}
+    for config in ("default", "beta0-T1", "authors"):
+        for scale_id, scale in (("1e30", 1e30), ("1e-30", 1e-30), ("1", 1.0)):
+            yield pytest.param(scale, config, id=f"{config}-{scale_id}",
+                               marks=[] if (config, scale_id) in ci else [pytest.mark.slow])
+
+
+@pytest.mark.parametrize("scale,config", list(_magnitude_cases()))
 def test_extreme_gradient_magnitudes(scale, config):
     """float32 gradients of size ~1e30 or ~1e-30 (params O(1)): everything stays finite,
     stored pairs have positive curvature, d is a descent direction."""
@@ -462,9 +471,18 @@ def test_large_magnitude_pairs_give_finite_direction():
 # ----------------------------------------------------------------------------- precision
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
-                         ids=["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("history_dtype", [None, jnp.bfloat16], ids=["hist-default", "hist-bf16"])
+def _precision_cases():
+    """Every (history dtype, params dtype); in CI each params dtype once and each history
+    dtype at least once, the other three in the slow tier."""
+    ci = {("hist-default", "bfloat16"), ("hist-default", "float16"), ("hist-bf16", "float32")}
+    for hist_id, hist in (("hist-default", None), ("hist-bf16", jnp.bfloat16)):
+        for dt_id, dt in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16),
+                          ("float16", jnp.float16)):
+            yield pytest.param(dt, hist, id=f"{hist_id}-{dt_id}",
+                               marks=[] if (hist_id, dt_id) in ci else [pytest.mark.slow])
+
+
+@pytest.mark.parametrize("dtype,history_dtype", list(_precision_cases()))
 def test_low_precision_params(dtype, history_dtype):
     tx = mlbfgs_optax.mlbfgs(0.01, memory_size=3, update_period=2, beta=0.5,
                              history_dtype=history_dtype)
