@@ -596,6 +596,10 @@ def markdown(result: dict) -> str:
         f"Mode: {'quick' if cfg['quick'] else 'full'}; total wall time "
         f"{result.get('total_seconds', 0):.0f} s.", "",
         "## Protocol", "",
+        *([f"- Research variant: at least {cfg['min_steps']} steps at every batch size."]
+          if cfg.get("min_steps") else []),
+        *([f"- Research variant: training-loss targets {', '.join(f'{k} {v:g}' for k, v in cfg['train_targets'].items())}."]
+          if cfg.get("train_targets") else []),
         f"- Batch sizes {', '.join(map(str, cfg['batches']))}; budget steps(B) = "
         "clip(examples / B, min, max) per task, warm-up 5% + cosine decay to 0.",
         f"- Per batch and optimizer: {GRID_POINTS} peak learning rates half a decade apart "
@@ -761,6 +765,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the check's lr (default: mlbfgs_default's best at that batch)")
     p.add_argument("--devices-worker", metavar="JSON", help=argparse.SUPPRESS)
     p.add_argument("--report", metavar="JSON", help="re-render the md and plot from a json")
+    p.add_argument("--min-steps", type=int, default=None,
+                   help="research variant: at least this many steps at every batch size")
+    p.add_argument("--train-target", nargs="+", default=(), metavar="TASK=LOSS",
+                   help="research variant: another training-loss target for a task")
     return p
 
 
@@ -782,14 +790,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     names = args.tasks or (["mnist1d_mlp"] if args.quick else list(TASKS))
     opts = args.optimizers or (["adamw", "mlbfgs_default"] if args.quick else list(OPTIMIZERS))
     batches = args.batches or ([32, 128] if args.quick else list(BATCH_SIZES))
+    targets = {k: float(v) for k, v in (t.split("=", 1) for t in args.train_target)}
     t_start = time.perf_counter()
     result: dict[str, Any] = {"config": {
         "quick": args.quick, "batches": batches, "optimizers": opts, "seeds": list(SEEDS),
+        "min_steps": args.min_steps, "train_targets": targets,
         "grid_points": GRID_POINTS, "evals": EVALS, "library": harness.library_version(),
         "machine": harness.machine(), "jax": jax.__version__, "optax": optax.__version__,
         "left_out": ", ".join(o for o in OPTIMIZERS if o not in opts)}, "tasks": {}}
     for name in names:
         st = make_task(name, args.quick)
+        if args.min_steps:
+            st = dataclasses.replace(st, min_steps=max(st.min_steps, args.min_steps),
+                                     max_steps=max(st.max_steps, args.min_steps))
+        if name in targets:
+            st = dataclasses.replace(st, train_target=targets[name])
         log(f"[{name}] {st.task.description}; {st.task.num_params} params")
 
         def progress(task_result, name=name):  # a run cut short still leaves its results
