@@ -103,7 +103,8 @@ def _reference(params, grads, lr, memory, period, beta, kappa, c_roundoff, b2=0.
     return np.stack(out)
 
 
-# The schedule and the bound each on and off in CI, crossed; the other two in the slow tier.
+# Each schedule (constant, decaying) and each bound (3.0, 1.5) in CI, crossed; the other
+# two crossings in the slow tier.
 @pytest.mark.parametrize("schedule,kappa", [
     (False, 3.0), (True, 1.5), pytest.param(True, 3.0, marks=pytest.mark.slow),
     pytest.param(False, 1.5, marks=pytest.mark.slow)])

@@ -290,17 +290,21 @@ _EXTREME_CONFIGS = {
 }
 
 
-def _magnitude_cases():
-    """Every (config, scale); in CI each config and each scale at least once, and the
-    largest scale with the defaults and the authors' settings; the rest in the slow tier."""
-    ci = {("default", "1e30"), ("authors", "1e30"), ("beta0-T1", "1e-30"), ("authors", "1")}
-    for config in ("default", "beta0-T1", "authors"):
-        for scale_id, scale in (("1e30", 1e30), ("1e-30", 1e-30), ("1", 1.0)):
-            yield pytest.param(scale, config, id=f"{config}-{scale_id}",
-                               marks=[] if (config, scale_id) in ci else [pytest.mark.slow])
+def _crossed(first, second, ci):
+    """``pytest.param(a, b)`` for every ``a`` of ``first`` and ``b`` of ``second`` (each a
+    sequence of ``(id, value)``), id ``"{id_a}-{id_b}"``: the ``ci`` pairs of ids in CI,
+    the others in the slow tier."""
+    return [pytest.param(a, b, id=f"{ia}-{ib}",
+                         marks=[] if (ia, ib) in ci else [pytest.mark.slow])
+            for ia, a in first for ib, b in second]
 
 
-@pytest.mark.parametrize("scale,config", list(_magnitude_cases()))
+# In CI each config and each scale at least once, and the largest scale with the
+# defaults and the authors' settings.
+@pytest.mark.parametrize("config,scale", _crossed(
+    [(c, c) for c in ("default", "beta0-T1", "authors")],
+    [("1e30", 1e30), ("1e-30", 1e-30), ("1", 1.0)],
+    ci={("default", "1e30"), ("authors", "1e30"), ("beta0-T1", "1e-30"), ("authors", "1")}))
 def test_extreme_gradient_magnitudes(scale, config):
     """float32 gradients of size ~1e30 or ~1e-30 (params O(1)): everything stays finite,
     stored pairs have positive curvature, d is a descent direction."""
@@ -471,18 +475,11 @@ def test_large_magnitude_pairs_give_finite_direction():
 # ----------------------------------------------------------------------------- precision
 
 
-def _precision_cases():
-    """Every (history dtype, params dtype); in CI each params dtype once and each history
-    dtype at least once, the other three in the slow tier."""
-    ci = {("hist-default", "bfloat16"), ("hist-default", "float16"), ("hist-bf16", "float32")}
-    for hist_id, hist in (("hist-default", None), ("hist-bf16", jnp.bfloat16)):
-        for dt_id, dt in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16),
-                          ("float16", jnp.float16)):
-            yield pytest.param(dt, hist, id=f"{hist_id}-{dt_id}",
-                               marks=[] if (hist_id, dt_id) in ci else [pytest.mark.slow])
-
-
-@pytest.mark.parametrize("dtype,history_dtype", list(_precision_cases()))
+# In CI each params dtype once and each history dtype at least once.
+@pytest.mark.parametrize("history_dtype,dtype", _crossed(
+    [("hist-default", None), ("hist-bf16", jnp.bfloat16)],
+    [("float32", jnp.float32), ("bfloat16", jnp.bfloat16), ("float16", jnp.float16)],
+    ci={("hist-default", "bfloat16"), ("hist-default", "float16"), ("hist-bf16", "float32")}))
 def test_low_precision_params(dtype, history_dtype):
     tx = mlbfgs_optax.mlbfgs(0.01, memory_size=3, update_period=2, beta=0.5,
                              history_dtype=history_dtype)
