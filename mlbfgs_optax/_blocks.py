@@ -15,13 +15,21 @@ sum of the ``U`` unit sums into the ``B`` blocks. So the traced and compiled
 program has a size set by the number of buckets, not by the number of
 parameter leaves or blocks:
 
-* for ``"leaf"``, ``"all"`` and label blocks, a bucket *stacks* the leaves of
-  one shape and dtype, ``(k, *shape)``, one unit per leaf (the repeated layers
-  of a deep network share a few buckets). A stacked bucket keeps the params'
-  own sharding (``P(None, *spec)``) under every kind of mesh axis, so nothing
-  is resharded, and it needs no padding;
+* a *row-packed* bucket (``"leaf"``, ``"all"`` and label blocks, by default)
+  holds every leaf of one dtype: each leaf raveled, zero-padded to whole rows
+  of a common length (:func:`row_length`) and the rows concatenated,
+  ``(rows, row_length)``; a unit is a row, and every row lies in one leaf, so
+  in one block. A model has one bucket per dtype, however many leaves and
+  shapes it has;
+* a *stacked* bucket holds the leaves of one shape and dtype, ``(k, *shape)``,
+  one unit per leaf, sharded like them (``P(None, *spec)``) under every kind
+  of mesh axis, so that nothing is resharded: the leaves that a mesh axis
+  splits (FSDP, tensor parallelism) are stacked (``packing``);
 * :class:`EqualSlices` is one *flat* bucket: every leaf raveled and
   concatenated, zero-padded and cut into ``K`` rows, one per block.
+
+Padding carries zero parameters and zero gradients, so it never changes a dot
+product.
 """
 
 from __future__ import annotations
@@ -81,9 +89,9 @@ class Bucket(NamedTuple):
     Attributes:
       leaves: indices (``jax.tree.leaves`` order) of the parameter leaves it
         holds, in packing order.
-      starts: for a flat bucket (:class:`EqualSlices`), the offset of every
-        leaf in the raveled array; None for a stacked bucket (unit ``u`` is
-        leaf ``leaves[u]``).
+      starts: for a row-packed or flat (:class:`EqualSlices`) bucket, the
+        offset of every leaf in the raveled array; None for a stacked bucket
+        (unit ``u`` is leaf ``leaves[u]``).
       shape: the packed array's shape ``(U, ...)``.
       dtype: the packed array's dtype.
       unit_block: the block of every unit (leading index), length ``U``.
@@ -124,6 +132,19 @@ def _partitioned(x) -> Optional[NamedSharding]:
     """``param_sharding(x)`` when it splits ``x`` over some mesh axis, else None."""
     s = param_sharding(x)
     return s if s is not None and jax.tree.leaves(tuple(s.spec)) else None
+
+
+def _auto_mesh_in_context() -> bool:
+    """Whether a mesh set in context (``jax.set_mesh``) has an Auto axis of size > 1.
+
+    Under such a mesh GSPMD may shard any leaf, and a leaf's sharding is not in
+    its type under ``jax.jit``: ``packing="auto"`` then stacks every leaf, so
+    that an eager and a jitted ``init`` make the same state.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and any(
+        t == jax.sharding.AxisType.Auto and mesh.shape[n] > 1
+        for n, t in zip(mesh.axis_names, mesh.axis_types))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,26 +444,70 @@ def _reduce_units(xs: list[jax.Array], op: str) -> jax.Array:
     reduction would make one kernel without the stack, but the SPMD partitioner
     gathers its partial results over the devices instead of all-reducing them.)
     """
-    stacked = jnp.stack(xs, -1)
-    axes = tuple(range(1, stacked.ndim - 1))
+    axes = tuple(range(1, xs[0].ndim))
     if op == "sum":
-        return jnp.sum(stacked, axis=axes)
-    return jnp.max(stacked, axis=axes, initial=0.0)
+        return jnp.stack([jnp.sum(x, axis=axes) for x in xs], -1)
+    return jnp.stack([jnp.max(x, axis=axes, initial=0.0) for x in xs], -1)
 
 
-def _groups(leaves: list) -> dict[Any, list[int]]:
-    """The leaves' indices by (shape, dtype), in order of first leaf."""
+#: The row lengths a row-packed bucket may take.
+ROW_LENGTHS = tuple(2 ** k for k in range(3, 13))  # 8 ... 4096
+#: The largest share of a row-packed bucket that padding may take.
+MAX_PADDING = 1 / 64
+
+
+def row_length(sizes: list[int]) -> int:
+    """The longest of :data:`ROW_LENGTHS` whose padding of every leaf to whole rows
+    takes at most :data:`MAX_PADDING` of the bucket (else the shortest).
+
+    Example:
+      >>> from mlbfgs_optax._blocks import row_length
+      >>> row_length([4096, 64] * 64)   # 64x64 weights, 64 biases padded to 128: 1.5%
+      128
+      >>> row_length([3000, 30])        # 3008 + 64: 42 of 3072 numbers are padding
+      64
+    """
+    best = ROW_LENGTHS[0]
+    for r in ROW_LENGTHS:
+        padded = sum(-(-n // r) * r for n in sizes)
+        if padded - sum(sizes) <= MAX_PADDING * padded:
+            best = r
+    return best
+
+
+def _member_groups(leaves: list, stacked: list[bool]) -> list[tuple[bool, list[int]]]:
+    """The leaves of every bucket, ``(row_packed, members)``, in order of first leaf.
+
+    One stacked bucket per (shape, dtype) of the ``stacked`` leaves, one
+    row-packed bucket per dtype of the others.
+    """
     groups: dict[Any, list[int]] = {}
     for i, x in enumerate(leaves):
-        groups.setdefault((tuple(x.shape), jnp.dtype(x.dtype)), []).append(i)
-    return groups
+        key = ((tuple(x.shape),) if stacked[i] else ()) + (jnp.dtype(x.dtype),)
+        groups.setdefault(key, []).append(i)
+    return [(len(key) == 1, members) for key, members in groups.items()]
 
 
-def _buckets(leaves: list, leaf_block: list[int]) -> tuple[Bucket, ...]:
-    """One stacked bucket per (shape, dtype) of the leaves, in order of first leaf."""
-    return tuple(Bucket(tuple(members), None, (len(members),) + shape, dtype,
-                        tuple(leaf_block[i] for i in members))
-                 for (shape, dtype), members in _groups(leaves).items())
+def _buckets(leaves: list, groups: list[tuple[bool, list[int]]],
+             leaf_block: list[int]) -> tuple[Bucket, ...]:
+    """The buckets of :func:`_member_groups`'s groups (see :class:`Bucket`)."""
+    out = []
+    for row_packed, members in groups:
+        dtype = jnp.dtype(leaves[members[0]].dtype)
+        if not row_packed:
+            shape = tuple(leaves[members[0]].shape)
+            out.append(Bucket(tuple(members), None, (len(members),) + shape, dtype,
+                              tuple(leaf_block[i] for i in members)))
+            continue
+        sizes = [math.prod(leaves[i].shape) for i in members]
+        r = row_length(sizes)
+        starts, unit_block, rows = [], [], 0
+        for i, n in zip(members, sizes):
+            starts.append(rows * r)
+            unit_block += [leaf_block[i]] * -(-n // r)
+            rows += -(-n // r)
+        out.append(Bucket(tuple(members), tuple(starts), (rows, r), dtype, tuple(unit_block)))
+    return tuple(out)
 
 
 def _label_name(label: Hashable) -> str:
@@ -459,17 +524,23 @@ def _path_name(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def make_layout(params: Any, blocks: BlockSpec) -> BlockLayout:
+def make_layout(params: Any, blocks: BlockSpec, packing: str = "auto") -> BlockLayout:
     """Builds the static :class:`BlockLayout` of ``params`` for a ``blocks`` spec.
 
     Args:
-      params: a pytree of arrays or ``jax.ShapeDtypeStruct`` (only shapes,
-        dtypes and structure are read).
-      blocks: ``"leaf"`` (one block per parameter leaf; the blocks of leaves
-        of one shape and dtype are numbered together, in order of their first
-        leaf), ``"all"`` (one block for everything: classic L-BFGS), an :class:`EqualSlices`, a pytree of
+      params: a pytree of arrays or ``jax.ShapeDtypeStruct`` (shapes, dtypes,
+        structure, and the sharding where one is visible, are read).
+      blocks: ``"leaf"`` (one block per parameter leaf; numbered bucket by
+        bucket, in order of their first leaf), ``"all"`` (one block for
+        everything: classic L-BFGS), an :class:`EqualSlices`, a pytree of
         hashable labels with the structure of ``params`` (leaves with the same
         label form one block), or a callable ``params -> labels``.
+      packing: ``"rows"`` (every leaf of one dtype in one row-packed bucket),
+        ``"stacked"`` (the leaves of one shape and dtype stacked) or
+        ``"auto"`` (stacked for the leaves split over a mesh axis, as far as
+        ``params`` show it, and for every leaf under a mesh with Auto axes set
+        in context; rows for the rest); see
+        :func:`~mlbfgs_optax.scale_by_mlbfgs`. Ignored for :class:`EqualSlices`.
 
     Returns:
       The layout.
@@ -553,12 +624,18 @@ def make_layout(params: Any, blocks: BlockSpec) -> BlockLayout:
                     f"{lab!r}, which is not a hashable label."
                 )
 
+    if packing not in ("auto", "rows", "stacked"):
+        raise ValueError(f"scale_by_mlbfgs: packing={packing!r} is invalid; expected 'auto', "
+                         "'rows' or 'stacked'.")
+    auto_mesh = _auto_mesh_in_context()
+    stacked = {"rows": lambda x: False, "stacked": lambda x: True,
+               "auto": lambda x: auto_mesh or _partitioned(x) is not None}[packing]
+    groups = _member_groups(leaves, [stacked(x) for x in leaves])
     order: dict[Hashable, int] = {}
     if isinstance(blocks, str) and blocks == "leaf":
-        # Bucket by bucket (the leaves of one shape and dtype together): the blocks
-        # of every bucket are then consecutive, and the per-block algebra slices and
-        # concatenates instead of gathering and scattering.
-        for members in _groups(leaves).values():
+        # Bucket by bucket: the blocks of every bucket are then consecutive, and the
+        # per-block algebra slices and concatenates instead of gathering and scattering.
+        for _, members in groups:
             for i in members:
                 order.setdefault(labels[i], len(order))
     for lab in labels:
@@ -572,7 +649,7 @@ def make_layout(params: Any, blocks: BlockSpec) -> BlockLayout:
         paths=tuple(_key_path(p) for p in paths),
         shapes=shapes,
         dtypes=dtypes,
-        buckets=_buckets(leaves, leaf_block),
+        buckets=_buckets(leaves, groups, leaf_block),
         num_blocks=len(order),
         block_names=tuple(_label_name(lab) for lab in order),
         block_sizes=tuple(block_sizes),

@@ -135,17 +135,24 @@ def norm_sq(gamma, coef_s, coef_y, gg, sg, yg, ss_gram, sy_gram, yy_gram) -> tup
       >>> dd                                       # |e_2 + 3 e_1|^2
       Array([10.], dtype=float32)
     """
-    w = jnp.concatenate([gamma[:, None], coef_s, coef_y], axis=1)
-    top = jnp.concatenate([gg[:, None], sg, yg], axis=1)[:, None, :]
-    mid = jnp.concatenate([sg[:, :, None], ss_gram, sy_gram], axis=2)
-    bottom = jnp.concatenate([yg[:, :, None], jnp.swapaxes(sy_gram, 1, 2), yy_gram], axis=2)
-    gram = jnp.concatenate([top, mid, bottom], axis=1)
-    big = _numerics.power_of_two_near(jnp.max(jnp.abs(w), axis=1))
-    w = w / big[:, None]
+    # Term by term (no concatenated Gram matrix): the concatenation, inlined into
+    # the reductions, would compile to large kernels.
+    big = _numerics.power_of_two_near(
+        jnp.maximum(jnp.abs(gamma), jnp.maximum(jnp.max(jnp.abs(coef_s), axis=1),
+                                                jnp.max(jnp.abs(coef_y), axis=1))))
+    g0, cs, cy = gamma / big, coef_s / big[:, None], coef_y / big[:, None]
     scale = jnp.square(big)
-    dd = jnp.maximum(jnp.einsum("bi,bij,bj->b", w, gram, w), 0.0) * scale
-    bound = jnp.einsum("bi,bij,bj->b", jnp.abs(w), jnp.abs(gram), jnp.abs(w)) * scale
-    return dd, w.shape[1] * jnp.finfo(w.dtype).eps * bound
+
+    def quadratic_form(f):
+        """:math:`w^\top G w` with ``f`` applied to every factor (identity, or abs)."""
+        vec = lambda a, b: jnp.sum(f(a) * f(b), axis=1)
+        mat = lambda u, m, v: jnp.sum(f(u)[:, :, None] * f(m) * f(v)[:, None, :], axis=(1, 2))
+        return (jnp.square(f(g0)) * f(gg) + 2 * f(g0) * (vec(cs, sg) + vec(cy, yg))
+                + mat(cs, ss_gram, cs) + 2 * mat(cs, sy_gram, cy) + mat(cy, yy_gram, cy))
+
+    dd = jnp.maximum(quadratic_form(lambda x: x), 0.0) * scale
+    bound = quadratic_form(jnp.abs) * scale
+    return dd, (2 * coef_s.shape[1] + 1) * jnp.finfo(cs.dtype).eps * bound
 
 
 def direct_norm_sq(layout, q, c, gamma, coef_s, s_hist, coef_y, y_hist, acc) -> jax.Array:

@@ -93,16 +93,23 @@ class Placement:
         if params is None or layout.slice_size is not None:
             return zeros(layout, None)
         leaves = layout.treedef.flatten_up_to(params)
-        first = [leaves[b.leaves[0]] for b in layout.buckets]
-        state = zeros(layout, lambda j, shape, dtype: zeros_like_bucket(first[j], shape, dtype))
         meshes = [s.mesh for s in map(_blocks.param_sharding, leaves)
                   if isinstance(s, NamedSharding) and not isinstance(leaves[0], jax.core.Tracer)]
-        if not meshes:
+        # The scalars, the per-block fields and the row-packed buckets (which hold
+        # no partitioned leaf) live replicated on the params' mesh (not on one
+        # default device: with several processes that device set would not even be
+        # compatible with the params').
+        whole = NamedSharding(meshes[0], PartitionSpec()) if meshes else None
+
+        def make(j, shape, dtype):
+            b = layout.buckets[j]
+            if b.starts is None:
+                return zeros_like_bucket(leaves[b.leaves[0]], shape, dtype)
+            return jnp.zeros(shape, dtype, device=whole)
+
+        state = zeros(layout, make)
+        if whole is None:
             return state
-        # The scalars and per-block fields live replicated on the params' mesh
-        # (not on one default device: with several processes that device set
-        # would not even be compatible with the params').
-        whole = NamedSharding(meshes[0], PartitionSpec())
         small = {f: jax.device_put(getattr(state, f), whole) for f, k in _state.FIELDS.items()
                  if k in (_state.Kind.SCALAR, _state.Kind.BLOCK)}
         return state._replace(**small)
@@ -268,6 +275,16 @@ def state_specs(state: ScaleByMLBFGSState, axis_name: Optional[str] = None,
         return replicated
     layout = state.layout
     leaf_specs = layout.treedef.flatten_up_to(params_specs)
+    for b in layout.buckets:
+        split = [layout.paths[i] for i in b.leaves
+                 if b.starts is not None and jax.tree.leaves(tuple(leaf_specs[i]))]
+        if split:
+            raise ValueError(
+                f"state_partition_specs: params_specs shard {', '.join(split[:3])}, but the "
+                "optimizer state holds them in a replicated row-packed buffer: its init did "
+                "not see them sharded (under jax.jit or jax.eval_shape with Auto mesh axes) "
+                "or packing='rows' was asked for. For a state sharded like the params, build "
+                "the optimizer with packing='stacked' (or init on the sharded params).")
 
     def packed(lead):
         return [PartitionSpec(*(None,) * (lead + 1), *leaf_specs[b.leaves[0]])

@@ -49,6 +49,7 @@ def scale_by_mlbfgs(
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
     curvature: str = "gradient_difference",
     pair_warmup: Optional[float] = None,
+    packing: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by a block-wise, momentum-based L-BFGS (mL-BFGS).
 
@@ -118,6 +119,7 @@ def scale_by_mlbfgs(
         parameter leaf), ``"all"`` (one block: classic momentum L-BFGS), an
         :class:`~mlbfgs_optax.EqualSlices`, a pytree of labels shaped like
         params (equal labels form one block), or a callable params -> labels.
+        The blocks set the algorithm; ``packing`` only how the state is stored.
       sigma_yy: :math:`\sigma_{yy} \ge 1`, upper bound on
         :math:`\hat y^\top\hat y / s^\top\hat y`; ``inf`` disables it; the
         default ``None`` means :math:`10\,\sigma_H` (so ``inf`` when
@@ -206,6 +208,21 @@ def scale_by_mlbfgs(
         ``updates`` (about two gradients' cost every :math:`T` calls). Pairs
         are then free of gradient noise; the rest of the method is unchanged.
         One device or GSPMD only (not with ``axis_name`` or ``mesh``).
+      packing: how the params-shaped state is stored (the directions do not
+        depend on it). ``"rows"``: the leaves of one dtype raveled into one
+        buffer of rows, each row in one block, so the update compiles to the
+        same few kernels however many leaves the model has; a sharded leaf is
+        gathered into it. ``"stacked"``: the leaves of one shape and dtype
+        stacked, ``(k, *shape)``, sharded like the leaves (FSDP, tensor
+        parallel); one set of kernels per distinct leaf shape. ``"auto"``
+        (default): ``"stacked"`` for the leaves that ``init`` sees split over
+        a mesh axis (concrete sharded arrays, or Explicit mesh axes under
+        ``jax.jit``) and for every leaf under a mesh with Auto axes set by
+        ``jax.set_mesh``; ``"rows"`` for the rest. Without a mesh in context,
+        ``init`` under ``jax.jit`` or ``jax.eval_shape`` cannot see a leaf's
+        Auto-axis sharding: pass ``"stacked"`` for a state sharded like the
+        params there.
+        Ignored with :class:`~mlbfgs_optax.EqualSlices` (one flat buffer).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs
@@ -288,6 +305,7 @@ def mlbfgs(
     roundoff_rejection: Optional[float] = 100.0,
     curvature: str = "gradient_difference",
     pair_warmup: Optional[float] = None,
+    packing: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""The mL-BFGS optimizer: weight decay, mL-BFGS direction, momentum, step.
 

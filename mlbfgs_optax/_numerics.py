@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,23 @@ def safe_div(num: jax.Array, den: jax.Array, default: float = 0.0) -> jax.Array:
     """
     ok = den != 0
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), default)
+
+
+def all_finite(xs: list[jax.Array]) -> jax.Array:
+    """Whether every element of every array in ``xs`` is finite (a boolean scalar).
+
+    Counted as a floating-point sum of the non-finite elements, which XLA:CPU
+    compiles to a library reduction; a boolean ``all`` over a large array is
+    compiled to generated tree-reduction kernels instead.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mlbfgs_optax._numerics import all_finite
+      >>> all_finite([jnp.ones(3), jnp.array([1.0, jnp.nan])])
+      Array(False, dtype=bool)
+    """
+    bad = [jnp.sum(jnp.where(jnp.isfinite(x), 0.0, 1.0).astype(jnp.float32)) for x in xs]
+    return functools.reduce(jnp.add, bad) == 0
 
 
 def power_of_two_near(x: jax.Array) -> jax.Array:

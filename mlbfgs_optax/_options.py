@@ -108,6 +108,8 @@ class Options:
       blocks: the user's block spec. Not part of the hash or equality: its whole
         effect is the :class:`~mlbfgs_optax.BlockLayout` built from it, which is a
         static argument of its own.
+      packing: ``"auto"``, ``"rows"`` or ``"stacked"`` (how the layout stores
+        the params-shaped state; likewise only through the layout).
       refresh_grad_average: reset the gradient average after each pair step.
       normalize: divide the direction by its global norm once a pair exists.
       cache_gram: keep the Gram matrices and run the Gram-form two-loop.
@@ -131,6 +133,7 @@ class Options:
 
     memory_size: int
     blocks: Any = dataclasses.field(compare=False, hash=False)
+    packing: str = dataclasses.field(compare=False, hash=False)
     refresh_grad_average: bool
     normalize: bool
     cache_gram: bool
@@ -175,6 +178,7 @@ def make_options(
     learning_rate,
     curvature="gradient_difference",
     pair_warmup=None,
+    packing="auto",
 ) -> tuple[Options, Hyperparams]:
     """Validates every argument of ``scale_by_mlbfgs`` and splits them.
 
@@ -225,6 +229,7 @@ def make_options(
     if pair_warmup is not None:
         check("pair_warmup", pair_warmup, lambda v: v >= 0 and math.isfinite(v),
               "a finite number >= 0, or None (1 / (1 - beta))")
+    check_choice("packing", packing, ("auto", "rows", "stacked"))
     check_choice("curvature", curvature, ("gradient_difference", "hessian_vector"))
     if curvature == "hessian_vector" and (axis_name is not None or mesh is not None):
         raise ValueError(
@@ -237,6 +242,7 @@ def make_options(
     options = Options(
         memory_size=int(memory_size),
         blocks=blocks,
+        packing=packing,
         refresh_grad_average=bool(refresh_grad_average),
         normalize=bool(normalize),
         cache_gram=bool(cache_gram),

@@ -241,34 +241,37 @@ def gram_coefficients(sg, yg, rho, gamma, newest, sy_gram, yy_gram, acc):
       ``(coef_s, coef_y)``, each ``(B, M)`` in slot order (0 for empty slots).
     """
     num_slots = rho.shape[-1]
-    ages = jnp.arange(num_slots)
-    # The permutation between slot and age order as a one-hot (B, M, M) mask,
-    # [b, a, s] = (slot s holds the pair of age a): selects and sums, exact, and a
-    # few small elementwise kernels where gathers and scatters would be many.
-    ages = ages.astype(newest.dtype)
-    slots = jax.lax.rem(newest[:, None] + num_slots - ages[None, :],
-                        jnp.asarray(num_slots, newest.dtype))  # (B, M)
-    perm = slots[:, :, None] == ages[None, None, :]
-    pick = lambda mask, x: jnp.sum(jnp.where(mask, x, 0.0), axis=-1)
-    by_age = lambda x: pick(perm, x.astype(acc)[:, None, :])
-    rows_by_age = lambda m: pick(perm[:, :, None, :], jnp.swapaxes(m, 1, 2)[:, None])
-    by_age2 = lambda m: pick(perm[:, None], rows_by_age(m.astype(acc))[:, :, None, :])
-    to_slots = lambda x: pick(jnp.swapaxes(perm, 1, 2), x[:, None, :])
-    sg, yg, r = by_age(sg), by_age(yg), by_age(rho)
-    c_mat, d_mat = by_age2(sy_gram), by_age2(yy_gram)
+    sg, yg, r = sg.astype(acc), yg.astype(acc), rho.astype(acc)
+    c_mat, d_mat = sy_gram.astype(acc), yy_gram.astype(acc)
+    slot_ids = jnp.arange(num_slots, dtype=newest.dtype)
     zeros = jnp.zeros_like(rho, dtype=acc)  # inherits a shard_map varying type
 
-    def first(alpha, i):  # newest -> oldest
-        a_i = r[:, i] * (sg[:, i] - jnp.sum(alpha * c_mat[:, i, :], axis=1))
-        return alpha.at[:, i].set(a_i), None
+    # Everything stays in slot order; step ``a`` of a scan visits the pair of age
+    # ``a`` (age 0: the newest) through a one-hot mask over the slots, (B, M). The
+    # masked sums add exact zeros, so the recursion is the two loops' own.
+    def one_hot(age):
+        slot = jax.lax.rem(newest + (num_slots - age).astype(newest.dtype),
+                           jnp.asarray(num_slots, newest.dtype))
+        return slot[:, None] == slot_ids[None, :]
 
+    pick = lambda mask, x: jnp.sum(jnp.where(mask, x, 0.0), axis=1)
+
+    def first(alpha, age):  # newest -> oldest; alpha is 0 at the older pairs
+        hot = one_hot(age)
+        c_row = pick(hot[:, :, None], c_mat)  # C[b, i, :]
+        a_i = pick(hot, r) * (pick(hot, sg) - jnp.sum(alpha * c_row, axis=1))
+        return jnp.where(hot, a_i[:, None], alpha), None
+
+    ages = jnp.arange(num_slots)
     alpha, _ = jax.lax.scan(first, zeros, ages)
     gam = gamma.astype(acc)
     yq = yg - jnp.einsum("bik,bk->bi", d_mat, alpha)
 
-    def second(c, i):  # oldest -> newest; c_k = alpha_k - beta_k of the older pairs
-        beta_i = r[:, i] * (gam * yq[:, i] + jnp.sum(c * c_mat[:, :, i], axis=1))
-        return c.at[:, i].set(alpha[:, i] - beta_i), None
+    def second(c, age):  # oldest -> newest; c_k = alpha_k - beta_k, 0 at the newer pairs
+        hot = one_hot(age)
+        c_col = jnp.sum(jnp.where(hot[:, None, :], c_mat, 0.0), axis=2)  # C[b, :, i]
+        beta_i = pick(hot, r) * (gam * pick(hot, yq) + jnp.sum(c * c_col, axis=1))
+        return jnp.where(hot, (pick(hot, alpha) - beta_i)[:, None], c), None
 
     c, _ = jax.lax.scan(second, zeros, ages, reverse=True)
-    return to_slots(c), to_slots(-gam[:, None] * alpha)  # back to slot order
+    return c, -gam[:, None] * alpha

@@ -66,7 +66,7 @@ def init(opts: Options, params: Any) -> ScaleByMLBFGSState:
     if isinstance(params, _params_placeholder_type()):
         state = ScaleByMLBFGSState(**{f: _NotParams() for f in _state.FIELDS})
         return state if opts.metric == "adam" else state._replace(nu=None)
-    layout = _blocks.make_layout(params, opts.blocks)
+    layout = _blocks.make_layout(params, opts.blocks, opts.packing)
     zeros = lambda lay, make: _state.zeros_state(lay, opts.memory_size, opts.cache_gram,
                                                  state_dtypes(opts, lay), make,
                                                  metric=opts.metric == "adam")
@@ -182,6 +182,9 @@ def fused_direction(layout, opts: Options, h: Hyperparams, whiten, products_of, 
     if not opts.step_bound_off:
         dd, err = _direction.norm_sq(gam, coef_s, coef_y, gg, sg, yg, st.ss_gram, st.sy_gram,
                                      st.yy_gram)
+        # Computed once (XLA would otherwise repeat the quadratic forms inside the
+        # reduction below as well as in their other consumers).
+        dd, err = jax.lax.optimization_barrier((dd, err))
         # Where rounding could flip the bound's decision, the norm of the vector itself.
         unsure = jnp.any(jnp.abs(dd - jnp.square(h.step_bound) * gg) <= err)
         with jax.named_scope("direct_norm"):
@@ -307,7 +310,7 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     # cost compile time.)
     splits = any(len(b.leaves) > 1 for b in layout.buckets)
     g, theta = layout.pack(updates), layout.pack(params)
-    finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in g])
+    finite = _numerics.all_finite(g)
     if splits:
         packed = (g, theta, jnp.asarray(True))
         g, theta, finite = _numerics.at_most_once(

@@ -25,9 +25,11 @@ def test_layout_names_and_sizes(blocks, names, sizes):
     assert layout.num_blocks == len(names)
 
 
-@pytest.mark.parametrize("blocks", ["leaf", "all", mlbfgs_optax.EqualSlices(4)])
-def test_pack_unpack_round_trip(blocks):
-    layout = _blocks.make_layout(PARAMS, blocks)
+@pytest.mark.parametrize("blocks,packing", [("leaf", "rows"), ("all", "rows"),
+                                            ("leaf", "stacked"),
+                                            (mlbfgs_optax.EqualSlices(4), "auto")])
+def test_pack_unpack_round_trip(blocks, packing):
+    layout = _blocks.make_layout(PARAMS, blocks, packing)
     packed = layout.pack(jax.tree.map(jnp.asarray, PARAMS))
     assert [tuple(x.shape) for x in packed] == [s for s, _ in layout.packed_shapes()]
     back = layout.unpack(packed)
@@ -35,11 +37,12 @@ def test_pack_unpack_round_trip(blocks):
         np.testing.assert_array_equal(np.asarray(back[k]), PARAMS[k].astype(np.float32))
 
 
-@pytest.mark.parametrize("blocks", ["leaf", {"a": "x", "b": "y", "c": "x"},
-                                    mlbfgs_optax.EqualSlices(4)])
-def test_block_dot_and_max_against_numpy(blocks):
+@pytest.mark.parametrize("blocks,packing", [
+    ("leaf", "rows"), ({"a": "x", "b": "y", "c": "x"}, "rows"), ("leaf", "stacked"),
+    ({"a": "x", "b": "y", "c": "x"}, "stacked"), (mlbfgs_optax.EqualSlices(4), "auto")])
+def test_block_dot_and_max_against_numpy(blocks, packing):
     rng = np.random.default_rng(0)
-    layout = _blocks.make_layout(PARAMS, blocks)
+    layout = _blocks.make_layout(PARAMS, blocks, packing)
     u = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), PARAMS)
     v = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), PARAMS)
     pu, pv = layout.pack(u), layout.pack(v)
@@ -69,6 +72,42 @@ def test_scatter_and_gather_slot_per_block():
     np.testing.assert_array_equal(np.asarray(layout.gather_slot(out, slots, 0)).sum(1),
                                   [4, 4, 0, 4])
     assert float(out.sum()) == 12
+
+
+def test_row_packing_pads_every_leaf_to_whole_rows():
+    """One bucket per dtype, every leaf from a row boundary, zero padding, every row in the
+    block of its leaf; the row length keeps the padding within MAX_PADDING."""
+    params = {"w": np.ones((3, 7), np.float32), "b": np.ones(5, np.float32),
+              "h": np.ones(4, np.float16), "e": np.ones((0, 3), np.float32)}
+    layout = _blocks.make_layout(params, "leaf")
+    assert [b.dtype for b in layout.buckets] == [jnp.float32, jnp.float16]
+    full, half = layout.buckets  # blocks numbered bucket by bucket: b, e, w, then h
+    assert full.shape == (4, 8) and full.starts == (0, 8, 8)  # b, e (empty), w
+    assert full.unit_block == (0, 2, 2, 2) and layout.block_sizes == (5, 0, 21, 4)
+    assert half.shape == (1, 8) and half.unit_block == (3,)
+    packed = layout.pack(jax.tree.map(jnp.asarray, params))
+    np.testing.assert_array_equal(np.asarray(packed[0]).ravel(),
+                                  [1] * 5 + [0] * 3 + [1] * 21 + [0] * 3)
+    assert _blocks.row_length([100]) == 8 and _blocks.row_length([1 << 20]) == 4096
+    for sizes in ([4096, 64] * 3, [3000, 30], [1, 2, 3], [7]):
+        r = _blocks.row_length(sizes)
+        padded = sum(-(-n // r) * r for n in sizes)
+        assert r == _blocks.ROW_LENGTHS[0] or padded - sum(sizes) <= _blocks.MAX_PADDING * padded
+
+
+def test_auto_packing_stacks_sharded_leaves_and_leaves_under_an_auto_mesh():
+    mesh = jax.make_mesh((8,), ("x",))  # Explicit axes: the sharding is in the types
+    w = jax.device_put(jnp.zeros((16, 4)), jax.NamedSharding(mesh, jax.P("x")))
+    params = {"w": w, "b": jnp.zeros(4)}
+    kinds = lambda lay: [b.starts is None for b in lay.buckets]
+    assert kinds(_blocks.make_layout(params, "leaf")) == [False, True]  # b rows, w stacked
+    assert kinds(jax.jit(lambda p: _blocks.make_layout(p, "leaf"))(params)) == [False, True]
+    assert kinds(_blocks.make_layout(params, "leaf", "rows")) == [False]
+    auto = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(auto):
+        assert kinds(_blocks.make_layout({"b": jnp.zeros(4)}, "leaf")) == [True]
+    with pytest.raises(ValueError, match="packing"):
+        mlbfgs_optax.scale_by_mlbfgs(packing="flat")
 
 
 def test_bad_block_specs():

@@ -45,11 +45,10 @@ def test_coefficients_and_combine_equal_scan_two_loop(memory, blocks):
     layout = _blocks.make_layout(np.zeros(n), blocks)
     newest, num_pairs = 1, min(memory, 5)
     s, y, rho = _history(rng, layout, memory, num_pairs, newest)
-    packed = layout.packed_shapes()[0][0]  # (17,) or (1, 17)
-    s_hist = [jnp.asarray(s).reshape((memory,) + packed)]
-    y_hist = [jnp.asarray(y).reshape((memory,) + packed)]
+    s_hist = layout.pack(jnp.asarray(s), lead=1)
+    y_hist = layout.pack(jnp.asarray(y), lead=1)
     g = rng.normal(size=n)
-    q = [jnp.asarray(g).reshape(packed)]
+    q = layout.pack(jnp.asarray(g))
     rho_b, gamma, newest_b = jnp.asarray(rho)[None], jnp.asarray([0.7]), jnp.asarray([newest])
     ref = _two_loop.blockwise_two_loop(layout, q, s_hist, y_hist, rho_b, gamma, newest_b)
     sg, yg = _direction.history_products(layout, q, s_hist, y_hist, jnp.float64)
@@ -57,12 +56,13 @@ def test_coefficients_and_combine_equal_scan_two_loop(memory, blocks):
     cs, cy = _two_loop.gram_coefficients(sg, yg, rho_b, gamma, newest_b, sy_gram, yy_gram,
                                          jnp.float64)
     d = _direction.combine(layout, q, gamma, cs, s_hist, cy, y_hist, jnp.float64)
-    np.testing.assert_allclose(np.asarray(d[0]), np.asarray(ref[0]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(layout.unpack(d)), np.asarray(layout.unpack(ref)),
+                               rtol=1e-10, atol=1e-12)
     # The norm from the Gram matrices is the norm of d, and its error bound holds.
     gg = jnp.asarray([g @ g])
     dd, err = _direction.norm_sq(gamma, cs, cy, gg, sg, yg, jnp.asarray(s @ s.T)[None],
                                  sy_gram, yy_gram)
-    direct = float(np.sum(np.asarray(d[0]) ** 2))
+    direct = float(np.sum(np.asarray(layout.unpack(d)) ** 2))
     np.testing.assert_allclose(float(dd[0]), direct, rtol=1e-10)
     assert abs(float(dd[0]) - direct) <= float(err[0]) + 1e-12
     # The fallback's pass over the vector (q scaled by 1/c) gives the same norm.

@@ -387,7 +387,10 @@ def test_state_follows_param_sharding_and_matches_one_device(layout, axis_type, 
     blocks = _FOLLOW_BLOCKS[layout]
     with jax.enable_x64(True):
         params, grad = _follow_problem(jnp.float64)
-        opt = mlbfgs_optax.mlbfgs(0.05, blocks=blocks, **PAIRS_KW)
+        # Auto axes: the abstract state is made without a mesh in context, where init
+        # cannot see the params' sharding; the state is to follow it: packing="stacked".
+        packing = "stacked" if axis_type == "Auto" else "auto"
+        opt = mlbfgs_optax.mlbfgs(0.05, blocks=blocks, packing=packing, **PAIRS_KW)
         ref = _follow_reference(layout)
         init = _follow_init(opt, params, mesh, specs, axis_type, set_mesh)
         sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
@@ -454,8 +457,10 @@ def test_followed_state_bytes_per_device_fall_as_one_over_n():
 def test_map_params_and_state_partition_specs_agree(blocks):
     params = {"w": jnp.zeros((16, 8)), "b": jnp.zeros(8)}
     pspecs = {"w": P("x"), "b": P(None)}
-    for opt in (mlbfgs_optax.mlbfgs(0.1, blocks=blocks),
-                mlbfgs_optax.mlbfgs(0.1, blocks=blocks, momentum=0.9, weight_decay=1e-4)):
+    # Unsharded params: "stacked" packing asked for, as for params sharded later.
+    for opt in (mlbfgs_optax.mlbfgs(0.1, blocks=blocks, packing="stacked"),
+                mlbfgs_optax.mlbfgs(0.1, blocks=blocks, momentum=0.9, weight_decay=1e-4,
+                                    packing="stacked")):
         state = opt.init(params)
         mapped = optax.tree.map_params(opt, lambda _, s: s, state, pspecs,
                                        transform_non_params=lambda _: None)
@@ -477,3 +482,16 @@ def test_map_params_and_state_partition_specs_agree(blocks):
                                                     is_leaf=lambda x: isinstance(x, P)))
         placed_hist = mlbfgs_optax.find_mlbfgs_state(placed).s_history[w_bucket]
         assert placed_hist.sharding.spec == P(None, None, "x")
+
+
+def test_row_packed_state_is_replicated_and_refuses_sharded_specs():
+    """Default packing of unsharded params: one replicated row-packed buffer; specs that shard
+    one of its leaves are refused with the way out (packing="stacked")."""
+    params = {"w": jnp.zeros((16, 8)), "b": jnp.zeros(8)}
+    state = mlbfgs_optax.mlbfgs(0.1).init(params)
+    (bucket,) = state[0].layout.buckets
+    assert bucket.starts is not None and state[0].s_history[0].ndim == 3
+    specs = mlbfgs_optax.state_partition_specs(state, params_specs={"w": P(), "b": P(None)})
+    assert mlbfgs_optax.find_mlbfgs_state(specs).s_history == [P()]
+    with pytest.raises(ValueError, match="packing='stacked'"):
+        mlbfgs_optax.state_partition_specs(state, params_specs={"w": P("x"), "b": P()})

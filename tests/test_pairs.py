@@ -32,7 +32,7 @@ def _setup(blocks="leaf", seed=0, **kw):
     opts, h = _options.make_options(**args)
     dt = _state.dtypes(layout)
     st = _state.zeros_state(layout, M, opts.cache_gram, dt)
-    rand = lambda tree: jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), tree)
+    rand = lambda packed: _random(layout, rng, packed)
     st = st._replace(params_avg=rand(st.params_avg), grads_avg=rand(st.grads_avg),
                      params_snapshot=rand(st.params_snapshot),
                      grads_snapshot=rand(st.grads_snapshot),
@@ -40,12 +40,21 @@ def _setup(blocks="leaf", seed=0, **kw):
     return layout, opts, h, dt, st, rng
 
 
+def _random(layout, rng, packed, lead=0):
+    """Random values in the shape of a packed list, zero in the padding (as packing makes it)."""
+    values = [jnp.asarray(rng.normal(size=x.shape)) for x in packed]
+    return layout.pack(layout.unpack(values, lead=lead), lead=lead)
+
+
 def _flat(layout, packed, block):
-    """Block ``block`` of a packed list as one NumPy vector (its units, padding included)."""
+    """Block ``block`` of a packed list as one NumPy vector (its leaves raveled, no padding)."""
+    leaves = layout.treedef.flatten_up_to(layout.unpack(list(packed)))
     parts = []
-    for x, bucket in zip(packed, layout.buckets):
-        x = np.asarray(x)
-        parts += [np.ravel(x[u]) for u, blk in enumerate(bucket.unit_block) if blk == block]
+    for bucket in layout.buckets:
+        for k, i in enumerate(bucket.leaves):
+            unit = k if bucket.starts is None else bucket.starts[k] // bucket.shape[1]
+            if bucket.unit_block[unit] == block:
+                parts.append(np.ravel(leaves[i]))
     return np.concatenate(parts)
 
 
@@ -69,7 +78,7 @@ def test_candidate_is_difference_of_corrected_averages(bias_correction):
 def test_pair_momentum_mixes_newest_pair_only_where_history_exists():
     layout, _, _, dt, st, rng = _setup()
     s, y = _pairs.candidate(layout, st, True, dt.acc)
-    hist = lambda tree: jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), tree)
+    hist = lambda packed: _random(layout, rng, packed, lead=1)
     s_hist = hist(st.s_history)
     y_hist = hist(st.y_history)
     newest = jnp.asarray([2, 0])
@@ -110,9 +119,9 @@ def test_damp_yy_bound_lowers_tau():
 def test_products_and_gram_rows_against_numpy():
     layout, _, _, dt, st, rng = _setup()
     s, y = _pairs.candidate(layout, st, True, dt.acc)
-    hist = lambda tree: jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), tree)
+    hist = lambda packed: _random(layout, rng, packed, lead=1)
     s_hist, y_hist = hist(st.s_history), hist(st.y_history)
-    q = [jnp.asarray(rng.normal(size=x.shape)) for x in s]
+    q = _random(layout, rng, s)
     slot = jnp.asarray([1, 2])
     p = _pairs.products(layout, s, y, dt.acc)
     # The rows are taken of the history the pair was stored in.

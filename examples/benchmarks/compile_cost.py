@@ -28,7 +28,10 @@ the widths are small):
 
 Optimizers (learning rate 1e-3 everywhere; only the program matters here):
 ``adam`` = ``optax.adam``; ``lbfgs`` = ``optax.lbfgs(linesearch=None)``; ``mlbfgs`` =
-``mlbfgs_optax.mlbfgs`` defaults (one block per leaf); ``mlbfgs_all`` (``blocks="all"``);
+``mlbfgs_optax.mlbfgs`` defaults (one block per leaf; the state of every leaf in one
+row-packed buffer); ``mlbfgs_stacked`` (the defaults with ``packing="stacked"``: the leaves
+of one shape stacked, as a state that follows sharded params is stored);
+``mlbfgs_all`` (``blocks="all"``);
 ``mlbfgs_labels`` (a labels pytree, one block per top-level layer: each MLP layer; GPT-2's
 ``wte``, ``wpe``, each of the 12 blocks and ``ln_f`` = 15 blocks; ResNet's stem, 4 stages
 and head = 6 blocks, the authors' choice for ResNets); ``mlbfgs_slices8``
@@ -141,8 +144,8 @@ RESNET50 = dict(base=8, stages=(3, 4, 6, 3), image=8, classes=10, batch=8)
 RESNET50_LEAVES = 3 + 9 * sum(RESNET50["stages"]) + 3 * len(RESNET50["stages"]) + 2
 GPT2_LEAVES = 2 + 12 * GPT2["layers"] + 2
 NUM_DEVICES = 8
-OPTIMIZERS = ("adam", "lbfgs", "mlbfgs", "mlbfgs_all", "mlbfgs_labels", "mlbfgs_slices8",
-              "mlbfgs_paper")
+OPTIMIZERS = ("adam", "lbfgs", "mlbfgs", "mlbfgs_stacked", "mlbfgs_all", "mlbfgs_labels",
+              "mlbfgs_slices8", "mlbfgs_paper")
 QUICK_OPTIMIZERS = ("adam", "mlbfgs")
 PLACEMENTS = ("fsdp", "zero", "shard_map")
 #: Models measured under the placements in the full run.
@@ -383,6 +386,8 @@ def make_optimizer(name: str, model: Model, **kw) -> optax.GradientTransformatio
         return mlbfgs_optax.mlbfgs(LR, blocks=model.labels(model.params), **kw)
     if name == "mlbfgs_paper":
         return mlbfgs_optax.mlbfgs(LR, **dict(mlbfgs_optax.paper_defaults, **kw))
+    if name == "mlbfgs_stacked":
+        return mlbfgs_optax.mlbfgs(LR, packing="stacked", **kw)
     if name in blocks:
         return mlbfgs_optax.mlbfgs(LR, blocks=blocks[name], **kw)
     raise ValueError(f"unknown optimizer {name!r}")
@@ -391,6 +396,7 @@ def make_optimizer(name: str, model: Model, **kw) -> optax.GradientTransformatio
 def num_blocks(name: str, model: Model) -> int:
     """Curvature blocks of the optimizer (0 for adam and lbfgs)."""
     return {"adam": 0, "lbfgs": 0, "mlbfgs": model.num_leaves,
+            "mlbfgs_stacked": model.num_leaves,
             "mlbfgs_paper": model.num_leaves, "mlbfgs_all": 1, "mlbfgs_slices8": 8,
             "mlbfgs_labels": len(set(jax.tree.leaves(model.labels(model.params))))}[name]
 
@@ -845,7 +851,7 @@ def plot(result: dict, path: str) -> None:
             and r["placement"] == "single" and "error" not in r]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     main_style = {"adam": "tab:blue", "lbfgs": "tab:orange", "mlbfgs": "tab:red"}
-    thin = {"mlbfgs_all": "tab:purple", "mlbfgs_labels": "tab:brown",
+    thin = {"mlbfgs_stacked": "tab:olive", "mlbfgs_all": "tab:purple", "mlbfgs_labels": "tab:brown",
             "mlbfgs_slices8": "tab:green", "mlbfgs_paper": "tab:pink"}
     for opt in [o for o in OPTIMIZERS if any(r["optimizer"] == o for r in rows)]:
         rs = sorted((r for r in rows if r["optimizer"] == opt), key=lambda r: r["leaves"])
