@@ -149,7 +149,7 @@ OPTIMIZERS = ("adam", "lbfgs", "mlbfgs", "mlbfgs_stacked", "mlbfgs_all", "mlbfgs
 QUICK_OPTIMIZERS = ("adam", "mlbfgs")
 PLACEMENTS = ("fsdp", "zero", "shard_map")
 #: Models measured under the placements in the full run.
-PLACEMENT_MODELS = ("mlp32", "gpt2", "resnet50")
+PLACEMENT_MODELS = ("mlp128", "gpt2", "resnet50")
 
 
 # ----------------------------------------------------------------------------- models
