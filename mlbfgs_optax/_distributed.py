@@ -74,10 +74,12 @@ class Placement:
     """Base class: the state lives whole on every device (single device, GSPMD).
 
     Params-shaped and history fields follow the sharding of the parameter
-    leaves they pack (``"leaf"``, ``"all"`` and label blocks): the leaves of one
-    shape and dtype are stacked in a bucket sharded ``P(None, *spec)`` of its
-    first leaf (histories ``P(None, None, *spec)``), so params sharded FSDP- or
-    tensor-parallel-style keep their optimizer state sharded the same way.
+    leaves they pack (``"leaf"``, ``"all"`` and label blocks): stacked buckets
+    (the leaves of one shape and dtype, the packing of leaves split over a
+    mesh axis) are sharded ``P(None, *spec)`` of their first leaf (histories
+    ``P(None, None, *spec)``), so params sharded FSDP- or tensor-parallel-style
+    keep their optimizer state sharded the same way; row-packed buckets hold
+    unsplit leaves and are replicated.
     """
 
     def rows(self, layout: _blocks.BlockLayout) -> int:
@@ -255,7 +257,9 @@ def state_specs(state: ScaleByMLBFGSState, axis_name: Optional[str] = None,
     other layouts with ``params_specs`` (the params' own specs, a pytree like
     params), every stacked bucket of a params-shaped field takes
     ``P(None, *spec)`` of its leaves and of a history ``P(None, None, *spec)``,
-    as ``init`` places them. Every other array is replicated.
+    as ``init`` places them. Every other array is replicated; a row-packed
+    bucket holding a leaf that ``params_specs`` shards is an error (its init
+    did not see the sharding).
     """
     # Optional fields (None: e.g. ``nu`` without the metric) stay None.
     table = {f: k for f, k in _state.FIELDS.items()
@@ -302,9 +306,9 @@ def state_partition_specs(opt_state: Any, axis_name: Optional[str] = None,
     :func:`~mlbfgs_optax.mlbfgs`) gets the specs its ``init`` gives it: with
     :class:`~mlbfgs_optax.EqualSlices` blocks the block axis on ``axis_name``;
     with ``"leaf"``, ``"all"`` or label blocks and ``params_specs``, the
-    buckets (``init`` stacks the leaves of one shape and dtype) take
-    ``P(None, *spec)`` of their first leaf, and
-    ``P(None, None, *spec)`` in the histories. Every other leaf is
+    stacked buckets (``init`` stacks the leaves of one shape and dtype that a
+    mesh axis splits, see ``packing``) take ``P(None, *spec)`` of their first
+    leaf, and ``P(None, None, *spec)`` in the histories. Every other leaf is
     replicated. Use it as ``in_specs``/``out_specs`` of :func:`jax.shard_map`
     or to build ``NamedSharding`` for ``jax.device_put``, ``out_shardings`` or
     a checkpoint restore target.
@@ -318,6 +322,11 @@ def state_partition_specs(opt_state: Any, axis_name: Optional[str] = None,
 
     Returns:
       A pytree of ``PartitionSpec`` with the structure of ``opt_state``.
+
+    Raises:
+      ValueError: when ``params_specs`` shard a leaf that the state holds in a
+        replicated row-packed buffer (build the optimizer with
+        ``packing="stacked"`` for a state sharded like the params).
 
     Example:
       >>> import jax, jax.numpy as jnp, mlbfgs_optax

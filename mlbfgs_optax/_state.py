@@ -16,10 +16,11 @@ class ScaleByMLBFGSState(NamedTuple):
 
     Parameter-shaped fields are *packed* by the block layout (``layout``): a
     list with one array per bucket of :class:`~mlbfgs_optax.BlockLayout`
-    (for ``"leaf"``, ``"all"`` and label blocks, the leaves of one shape and
-    dtype stacked, ``(k, *shape)``, with their sharding;
-    :class:`~mlbfgs_optax.EqualSlices` gives one ``(num_blocks, block_size)``
-    array). ``state.unpacked(name)`` turns such a field back into a
+    (for ``"leaf"``, ``"all"`` and label blocks, by default every leaf of one
+    dtype raveled into one ``(rows, row_length)`` array, and the leaves that a
+    mesh axis splits stacked by shape, ``(k, *shape)``, with their sharding:
+    the ``packing`` argument; :class:`~mlbfgs_optax.EqualSlices` gives one
+    ``(num_blocks, block_size)`` array). ``state.unpacked(name)`` turns such a field back into a
     params-shaped pytree (with a leading memory axis for a
     history). ``B`` is the number of blocks and ``M`` the memory size.
 

@@ -182,15 +182,8 @@ def fused_direction(layout, opts: Options, h: Hyperparams, whiten, products_of, 
     if not opts.step_bound_off:
         dd, err = _direction.norm_sq(gam, coef_s, coef_y, gg, sg, yg, st.ss_gram, st.sy_gram,
                                      st.yy_gram)
-        # Computed once (XLA would otherwise repeat the quadratic forms inside the
-        # reduction below as well as in their other consumers).
-        dd, err = jax.lax.optimization_barrier((dd, err))
-        # Where rounding could flip the bound's decision, the norm of the vector itself.
-        unsure = jnp.any(jnp.abs(dd - jnp.square(h.step_bound) * gg) <= err)
-        with jax.named_scope("direct_norm"):
-            dd = jax.lax.cond(unsure, lambda: _direction.direct_norm_sq(
-                layout, whiten()[0], c, gam, coef_s, s_hist, coef_y, y_hist, acc), lambda: dd)
-        kappa = _direction.bound_factor(gg, dd, h.step_bound)
+        # The norm's upper bound: the bound then holds however the sum cancelled.
+        kappa = _direction.bound_factor(gg, dd + err, h.step_bound)
     w = (kappa * c)[:, None]
     q, root_d = whiten()
     return _direction.combine(layout, q, kappa * gam, w * coef_s, s_hist, w * coef_y, y_hist,

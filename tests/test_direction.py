@@ -65,11 +65,6 @@ def test_coefficients_and_combine_equal_scan_two_loop(memory, blocks):
     direct = float(np.sum(np.asarray(layout.unpack(d)) ** 2))
     np.testing.assert_allclose(float(dd[0]), direct, rtol=1e-10)
     assert abs(float(dd[0]) - direct) <= float(err[0]) + 1e-12
-    # The fallback's pass over the vector (q scaled by 1/c) gives the same norm.
-    c = jnp.asarray([4.0])
-    fallback = _direction.direct_norm_sq(layout, [q[0] * 4.0], c, gamma, cs, s_hist, cy, y_hist,
-                                         jnp.float64)
-    np.testing.assert_allclose(float(fallback[0]), direct, rtol=1e-10)
 
 
 def test_safe_products_rescale_only_out_of_range():
@@ -107,3 +102,27 @@ def test_safe_products_rescale_only_out_of_range():
 def test_bound_factor():
     f = _direction.bound_factor(jnp.asarray([1.0, 1.0, 0.0]), jnp.asarray([100.0, 1.0, 0.0]), 3.0)
     np.testing.assert_allclose(np.asarray(f), [0.3, 1.0, 1.0])
+
+
+def test_bound_from_the_norms_upper_bound_holds_when_the_gram_sum_cancels():
+    """float32, terms 1000x |q| that cancel to d = 6 q: from dd alone, rounded down, the step
+    would be 0.1% too long; the factor from dd + err keeps |kappa d| <= bound |q|."""
+    rng = np.random.default_rng(0)
+    n = 64
+    q = np.ones(n)
+    v = rng.normal(size=n)
+    v -= (v @ q) / (q @ q) * q
+    v *= 1000 * np.linalg.norm(q) / np.linalg.norm(v)
+    s, y = v[None, :], (-v + 5 * q)[None, :]  # S c_s + Y c_y = 5 q with c_s = c_y = 1
+    d_true = q + s[0] + y[0]
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    gram = lambda a, b: f32(a.astype(np.float32) @ b.astype(np.float32).T)[None]
+    ones = f32([[1.0]])
+    sg, yg = gram(s, q[None])[0], gram(y, q[None])[0]  # (1, 1): one block, one slot
+    dd, err = _direction.norm_sq(f32([1.0]), ones, ones, f32([q @ q]), sg, yg, gram(s, s),
+                                 gram(s, y), gram(y, y))
+    kappa = float(_direction.bound_factor(f32([q @ q]), dd + err, 3.0)[0])
+    too_long = float(_direction.bound_factor(f32([q @ q]), dd, 3.0)[0])
+    assert too_long * np.linalg.norm(d_true) > 3.0 * np.linalg.norm(q) * (1 + 1e-6)
+    assert kappa * np.linalg.norm(d_true) <= 3.0 * np.linalg.norm(q) * (1 + 1e-6)
+    assert kappa >= 0.9 * 3.0 * np.linalg.norm(q) / np.linalg.norm(d_true)  # not far shorter
