@@ -236,7 +236,10 @@ def test_orbax_restore_onto_other_device_counts_continues_the_run(tmp_path):
     rng = np.random.default_rng(0)
     p0 = {"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
           "b": jnp.asarray(rng.normal(size=8), jnp.float32)}
-    opt = mlbfgs_optax.mlbfgs(0.05, memory_size=3, update_period=T, beta=0.5, momentum=0.9)
+    # The abstract state comes from unsharded params and is then sharded FSDP-style: its
+    # buckets must be stacked to follow the params' specs.
+    opt = mlbfgs_optax.mlbfgs(0.05, memory_size=3, update_period=T, beta=0.5, momentum=0.9,
+                              packing="stacked")
     loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2 * jnp.arange(8.0)[None]) + jnp.sum(jnp.cos(p["b"]))
 
     @jax.jit
