@@ -193,10 +193,14 @@ class BlockLayout:
                 continue
             front = tuple(leaves[b.leaves[0]].shape[:lead])
             parts, pos = [], 0
+            # The leaves are materialised first (a barrier): XLA would otherwise fuse
+            # their producers into the concatenation, whose every element then selects
+            # among all of them.
+            held = dict(zip(b.leaves, jax.lax.optimization_barrier([leaves[i] for i in b.leaves])))
             for i, start in zip(b.leaves, b.starts):
                 if start > pos:
                     parts.append(jnp.zeros(front + (start - pos,), b.dtype))
-                x = leaves[i]
+                x = held[i]
                 parts.append(x.reshape(front + (-1,)).astype(b.dtype))
                 pos = start + math.prod(self.shapes[i])
             total = math.prod(b.shape)
