@@ -50,6 +50,7 @@ def scale_by_mlbfgs(
     curvature: str = "gradient_difference",
     pair_warmup: Optional[float] = None,
     packing: str = "auto",
+    momentum: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by a block-wise, momentum-based L-BFGS (mL-BFGS).
 
@@ -223,6 +224,13 @@ def scale_by_mlbfgs(
         Auto-axis sharding: pass ``"stacked"`` for a state sharded like the
         params there.
         Ignored with :class:`~mlbfgs_optax.EqualSlices` (one flat buffer).
+      momentum: :math:`\mu \in [0, 1)`: the output is the debiased EMA of
+        the direction, :math:`m \leftarrow \mu m + (1-\mu) d`,
+        :math:`m / (1-\mu^{t+1})`, as ``optax.ema(momentum, debias=True)``
+        chained after it would give, but held packed in the state
+        (``direction_avg``), so it adds no work per parameter leaf; a step
+        that is not finite leaves :math:`m` as it was. None (default): the
+        direction itself. :func:`~mlbfgs_optax.mlbfgs` passes its own (0.9).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs
@@ -306,39 +314,49 @@ def mlbfgs(
     curvature: str = "gradient_difference",
     pair_warmup: Optional[float] = None,
     packing: str = "auto",
+    weight_decay_mode: str = "decoupled",
 ) -> optax.GradientTransformationExtraArgs:
-    r"""The mL-BFGS optimizer: weight decay, mL-BFGS direction, momentum, step.
+    r"""The mL-BFGS optimizer: mL-BFGS direction, momentum, weight decay, step.
 
     .. math::
-      g_t &\leftarrow g_t + \lambda \theta_t \quad (\text{if } \lambda > 0), \\
       d_t &= D^{1/2} \tilde H_t D^{1/2} g_t
         \quad (:func:`~mlbfgs_optax.scale_by_mlbfgs`), \\
       m_t &= \mu\, m_{t-1} + (1-\mu)\, d_t, \qquad
       \hat m_t = m_t / (1 - \mu^{t+1}) \quad (\text{if momentum } \mu), \\
-      \theta_{t+1} &= \theta_t - \eta_t\, \hat m_t .
+      \theta_{t+1} &= \theta_t - \eta_t\, (\hat m_t + \lambda \theta_t)
+      \quad (\text{decoupled decay, the default mode}).
+
+    With ``weight_decay_mode="l2"`` the decay is added to the gradient
+    instead, :math:`g_t \leftarrow g_t + \lambda\theta_t`, before the
+    direction (it then enters the metric and the curvature pairs, as
+    ``optax.adam`` after ``optax.add_decayed_weights`` does).
 
     The chain is :func:`scale_by_mlbfgs` (given ``learning_rate`` to measure
-    its pairs in direction units, and fed the decayed gradient, as
-    ``optax.add_decayed_weights`` would give it; the decay has no state, so
-    the state's structure never depends on ``weight_decay``) ->
-    ``optax.ema(momentum, debias=True)`` (Adam's first moment) ->
-    ``optax.scale_by_learning_rate``. The learning rate has Adam's meaning:
+    its pairs in direction units, and ``momentum``: the debiased EMA of the
+    direction, Adam's first moment, held packed in its state) -> the decay ->
+    ``optax.scale_by_learning_rate``; the decay has no state, so the state's
+    structure never depends on ``weight_decay``. The learning rate has Adam's meaning:
     before the first pair the step is RMSprop's :math:`D g` averaged by the
     momentum (an Adam variant whose EMA is taken after the division by
-    :math:`\sqrt{\hat\nu}`), and a good first try is Adam's (1e-3 to 1e-2). For the paper's algorithm and the
-    authors' training recipe see :data:`~mlbfgs_optax.paper_defaults` and
-    :func:`~mlbfgs_optax.authors_recipe`.
+    :math:`\sqrt{\hat\nu}`), and a good first try is Adam's (1e-3 to 1e-2).
+    For the paper's algorithm and the authors' training recipe see
+    :data:`~mlbfgs_optax.paper_defaults` and :func:`~mlbfgs_optax.authors_recipe`.
 
     Args:
       learning_rate: :math:`\eta_t`, a float or an optax schedule.
       ...: every other argument of :func:`scale_by_mlbfgs` ({forwarded}), with
         the same default, is passed on to it unchanged.
-      weight_decay: :math:`\lambda \ge 0`, L2 weight decay added to the
-        gradient *before* the direction (it enters the curvature pairs).
+      weight_decay: :math:`\lambda \ge 0`, the weight decay (its mode:
+        ``weight_decay_mode``).
       weight_decay_mask: optional mask (tree or callable) for the decay, as in
         :func:`optax.add_decayed_weights`.
       momentum: :math:`\mu \in [0, 1)`, the debiased EMA of the direction
         (Adam's ``b1``), or None (no momentum).
+      weight_decay_mode: ``"decoupled"`` (default): :math:`\eta\lambda\theta`
+        subtracted from the parameters beside the step, as ``optax.adamw``
+        (Loshchilov and Hutter, https://arxiv.org/abs/1711.05101), so
+        :math:`\lambda` takes AdamW's values; ``"l2"``: :math:`\lambda\theta`
+        added to the gradient before the direction.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs
@@ -370,13 +388,28 @@ def mlbfgs(
                        "mlbfgs")
     _options.check("learning_rate", learning_rate, math.isfinite,
                    "a finite float or a schedule", "mlbfgs")
+    if weight_decay_mode not in ("decoupled", "l2"):
+        raise ValueError(f"mlbfgs: weight_decay_mode={weight_decay_mode!r} is invalid; "
+                         "expected 'decoupled' or 'l2'.")
     args = locals()
-    parts = [_with_weight_decay(scale_by_mlbfgs(**{k: args[k] for k in _SCALE_ARGS}),
-                                weight_decay, weight_decay_mask)]
-    if momentum is not None:
-        parts.append(optax.ema(momentum, debias=True))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
+    inner = scale_by_mlbfgs(**{k: args[k] for k in _SCALE_ARGS})
+    if weight_decay_mode == "l2":
+        inner = _with_weight_decay(inner, weight_decay, weight_decay_mask)
+    else:
+        inner = _with_decoupled_decay(inner, weight_decay, weight_decay_mask)
+    return optax.chain(inner, optax.scale_by_learning_rate(learning_rate))
+
+
+def _skip_decay(weight_decay) -> bool:
+    return _options.is_number(weight_decay) and weight_decay == 0
+
+
+def _needs_params(update_fn):
+    def checked(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("mlbfgs needs the current params: call update(updates, state, params).")
+        return update_fn(updates, state, params, **extra_args)
+    return checked
 
 
 def _with_weight_decay(inner: optax.GradientTransformationExtraArgs, weight_decay,
@@ -388,20 +421,39 @@ def _with_weight_decay(inner: optax.GradientTransformationExtraArgs, weight_deca
     ``weight_decay`` is (a concrete 0, a number, or a traced value under
     :func:`optax.inject_hyperparams`); a concrete 0 skips the arithmetic.
     """
-    if _options.is_number(weight_decay) and weight_decay == 0:
+    if _skip_decay(weight_decay):
         return inner
     decay = optax.add_decayed_weights(weight_decay, mask=mask)
 
-    def update_fn(updates, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError("mlbfgs needs the current params: call update(updates, state, params).")
+    def update_fn(updates, state, params, **extra_args):
         updates, _ = decay.update(updates, decay.init(params), params)
         return inner.update(updates, state, params, **extra_args)
 
-    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+    return optax.GradientTransformationExtraArgs(inner.init, _needs_params(update_fn))
+
+
+def _with_decoupled_decay(inner: optax.GradientTransformationExtraArgs, weight_decay,
+                          mask) -> optax.GradientTransformationExtraArgs:
+    r"""``inner``'s output plus :math:`\lambda\theta`, with ``inner``'s state alone.
+
+    Chained before ``optax.scale_by_learning_rate`` this is AdamW's decoupled
+    decay, :math:`\theta \leftarrow \theta - \eta(\hat m + \lambda\theta)`;
+    stateless, as :func:`_with_weight_decay`.
+    """
+    if _skip_decay(weight_decay):
+        return inner
+    decay = optax.add_decayed_weights(weight_decay, mask=mask)
+
+    def update_fn(updates, state, params, **extra_args):
+        updates, state = inner.update(updates, state, params, **extra_args)
+        updates, _ = decay.update(updates, decay.init(params), params)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(inner.init, _needs_params(update_fn))
 
 
 #: The arguments of :func:`scale_by_mlbfgs`, which :func:`mlbfgs` forwards.
 _SCALE_ARGS = tuple(inspect.signature(scale_by_mlbfgs).parameters)
 mlbfgs.__doc__ = mlbfgs.__doc__.replace(
-    "{forwarded}", ", ".join(f"``{a}``" for a in _SCALE_ARGS if a != "learning_rate"))
+    "{forwarded}", ", ".join(f"``{a}``" for a in _SCALE_ARGS
+                             if a not in ("learning_rate", "momentum")))

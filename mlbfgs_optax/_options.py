@@ -81,6 +81,8 @@ class Hyperparams(NamedTuple):
       pair_warmup: calls before the first pair may be stored, or None for
         one averaging horizon, :math:`1/(1-\beta)` (0: from the first pair
         step on, as in the paper).
+      momentum: :math:`\mu` of the debiased EMA of the direction, or None
+        (no momentum).
     """
 
     update_period: Any
@@ -97,6 +99,7 @@ class Hyperparams(NamedTuple):
     roundoff_rejection: Any
     learning_rate: Any
     pair_warmup: Any = None
+    momentum: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +132,7 @@ class Options:
       curvature: ``"gradient_difference"`` (the paper's :math:`y`, the change
         of the gradient average) or ``"hessian_vector"`` (:math:`y = \nabla^2 f\, s`
         on the current batch, from the ``grad_fn`` passed to ``update``).
+      momentum: the state holds the direction's EMA (``momentum`` is not None).
     """
 
     memory_size: int
@@ -148,6 +152,7 @@ class Options:
     lr_schedule: Optional[Callable]
     placement: _distributed.Placement
     curvature: str = "gradient_difference"
+    momentum: bool = False
 
 
 def make_options(
@@ -179,6 +184,7 @@ def make_options(
     curvature="gradient_difference",
     pair_warmup=None,
     packing="auto",
+    momentum=None,
 ) -> tuple[Options, Hyperparams]:
     """Validates every argument of ``scale_by_mlbfgs`` and splits them.
 
@@ -230,6 +236,9 @@ def make_options(
         check("pair_warmup", pair_warmup, lambda v: v >= 0 and math.isfinite(v),
               "a finite number >= 0, or None (1 / (1 - beta))")
     check_choice("packing", packing, ("auto", "rows", "stacked"))
+    if momentum is not None:
+        check("momentum", momentum, lambda v: 0.0 <= v < 1.0,
+              "a float in [0, 1), or None (no momentum)")
     check_choice("curvature", curvature, ("gradient_difference", "hessian_vector"))
     if curvature == "hessian_vector" and (axis_name is not None or mesh is not None):
         raise ValueError(
@@ -257,6 +266,7 @@ def make_options(
         lr_schedule=learning_rate if callable(learning_rate) else None,
         placement=placement,
         curvature=curvature,
+        momentum=momentum is not None,
     )
     hyper = Hyperparams(
         update_period=update_period,
@@ -273,6 +283,7 @@ def make_options(
         roundoff_rejection=roundoff_rejection,
         learning_rate=None if callable(learning_rate) else learning_rate,
         pair_warmup=pair_warmup,
+        momentum=momentum,
     )
     return options, hyper
 

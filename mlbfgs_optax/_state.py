@@ -85,6 +85,7 @@ class ScaleByMLBFGSState(NamedTuple):
     ss_gram: jax.Array
     avg_weights: jax.Array
     nu: Any
+    direction_avg: Any
     layout: Any
 
     def unpacked(self, name: str) -> Any:
@@ -140,6 +141,7 @@ FIELDS: dict[str, Kind] = {
     "ss_gram": Kind.BLOCK,
     "avg_weights": Kind.SCALAR,
     "nu": Kind.PARAMS,
+    "direction_avg": Kind.PARAMS,
     "layout": Kind.LAYOUT,
 }
 assert tuple(FIELDS) == ScaleByMLBFGSState._fields
@@ -175,13 +177,15 @@ def dtypes(layout, history_dtype=None, averages_dtype=None) -> Dtypes:
 
 
 def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes,
-                zeros=None, metric: bool = False) -> ScaleByMLBFGSState:
+                zeros=None, metric: bool = False,
+                momentum: bool = False) -> ScaleByMLBFGSState:
     """The initial state of the blocks of ``layout`` (all arrays distinct buffers).
 
     ``zeros(j, shape, dtype)`` creates packed array ``j`` of a params-shaped or
     history field (``shape`` has the history's leading ``M`` axis); the default
     is ``jnp.zeros``. Placements pass one that follows the params' sharding.
-    ``metric``: hold the metric's second moment ``nu`` (else None).
+    ``metric``: hold the metric's second moment ``nu`` (else None);
+    ``momentum``: hold the direction's EMA ``direction_avg`` (else None).
     """
     packed = [s for s, _ in layout.packed_shapes()]
     b, m = layout.num_blocks, memory_size
@@ -212,6 +216,7 @@ def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes,
         ss_gram=jnp.zeros(gram, dt.acc),
         avg_weights=jnp.zeros((4,), dt.acc),
         nu=params(dt.averages) if metric else None,
+        direction_avg=params(dt.averages) if momentum else None,
         layout=layout,
     )
 

@@ -12,7 +12,9 @@ One update, per block :math:`b` (Niu et al., 2023, https://arxiv.org/abs/2307.13
    recursion (:math:`D = I` without the metric), with the optional step bound: in
    two passes over the history from the cached Gram matrices
    (:func:`fused_direction`), else by the scan or Gram two-loop;
-4. optionally, :math:`d` divided by its global norm once any pair exists.
+4. optionally, :math:`d` divided by its global norm once any pair exists;
+5. optionally, the debiased EMA of the direction, :math:`m \leftarrow \mu m + (1-\mu) d`,
+   :math:`d \leftarrow m / (1-\mu^t)` (:func:`with_momentum`), on the packed arrays.
 
 A step whose incoming updates are not all finite leaves the state untouched and
 passes the updates through.
@@ -65,11 +67,14 @@ def init(opts: Options, params: Any) -> ScaleByMLBFGSState:
     """
     if isinstance(params, _params_placeholder_type()):
         state = ScaleByMLBFGSState(**{f: _NotParams() for f in _state.FIELDS})
-        return state if opts.metric == "adam" else state._replace(nu=None)
+        if opts.metric != "adam":
+            state = state._replace(nu=None)
+        return state if opts.momentum else state._replace(direction_avg=None)
     layout = _blocks.make_layout(params, opts.blocks, opts.packing)
     zeros = lambda lay, make: _state.zeros_state(lay, opts.memory_size, opts.cache_gram,
                                                  state_dtypes(opts, lay), make,
-                                                 metric=opts.metric == "adam")
+                                                 metric=opts.metric == "adam",
+                                                 momentum=opts.momentum)
     return opts.placement.init(layout, zeros, params)._replace(layout=layout)
 
 
@@ -136,6 +141,28 @@ def normalized(d: list, any_pair: jax.Array, coll: Collectives) -> list:
     norm = big * jnp.sqrt(coll.psum(sum(jnp.sum(jnp.square(x / big)) for x in d)))
     scale = jnp.where(any_pair & (norm > 0), 1.0 / jnp.where(norm > 0, norm, 1.0), 1.0)
     return [x * scale for x in d]
+
+
+def with_momentum(d: list, state: ScaleByMLBFGSState, new: ScaleByMLBFGSState, mu, finite,
+                  dtypes) -> tuple[list, ScaleByMLBFGSState]:
+    r"""Step 5: :math:`m \leftarrow \mu m + (1-\mu) d`, returns :math:`m / (1-\mu^t)`.
+
+    As ``optax.ema(mu, debias=True)`` after the direction, but on the packed
+    arrays (a few kernels whatever the number of leaves), with :math:`t` the
+    number of finite updates (``new.count``); where not ``finite``, :math:`m`
+    stays as it was.
+
+    Returns:
+      ``(debiased m, new state with direction_avg)``.
+    """
+    acc = d[0].dtype
+    mu = jnp.asarray(mu, acc)
+    m = [jnp.where(finite, (1 - mu) * x + mu * a.astype(acc), a.astype(acc))
+         for x, a in zip(d, state.direction_avg)]
+    weight = 1 - mu ** new.count
+    weight = jnp.where(weight > 0, weight, 1)  # count 0: a step that is not finite
+    return [x / weight for x in m], new._replace(
+        direction_avg=[x.astype(t) for x, t in zip(m, dtypes)])
 
 
 def at_most_once(pred, fn, state: ScaleByMLBFGSState, fields, extra=()):
@@ -265,6 +292,8 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
         d = metric_direction(layout, opts, h, g, new, whiten()[1], dt.acc)
     if opts.normalize:
         d = normalized(d, jnp.any(new.num_pairs > 0), coll)
+    if opts.momentum:
+        d, new = with_momentum(d, state, new, h.momentum, finite, dt.averages)
     return d, new
 
 

@@ -556,3 +556,74 @@ def test_pair_warmup_delays_the_first_stored_pair(pair_warmup, beta, first):
         if stored_at is None and int(state.num_pairs[0]) > 0:
             stored_at = t
     assert stored_at == first
+
+
+# Momentum and weight decay ---------------------------------------------------
+
+
+def _run(tx, params, grad, steps):
+    state, out = tx.init(params), []
+    for _ in range(steps):
+        u, state = tx.update(grad(params), state, params)
+        params = optax.apply_updates(params, u)
+        out.append(u)
+    return out, state
+
+
+@pytest.mark.parametrize("blocks", ["leaf", "all", mlbfgs_optax.EqualSlices(2)])
+def test_packed_momentum_equals_optax_ema_after_the_direction(blocks):
+    """``scale_by_mlbfgs(momentum=mu)`` holds the direction's debiased EMA in its packed
+    state: the same steps as ``optax.ema(mu, debias=True)`` chained after it (float64,
+    past several pairs), and a step that is not finite leaves the average as it was."""
+    with jax.enable_x64(True):
+        f = lambda p: (jnp.sum(jnp.arange(1.0, 8.0) * (p["w"] - 1.0) ** 2 + 0.1 * p["w"] ** 4)
+                       + jnp.sum(jnp.arange(1.0, 4.0) * (p["b"] - 2.0) ** 2))
+        params = {"w": jnp.linspace(-1.0, 2.0, 7), "b": jnp.ones(3)}
+        kw = dict(update_period=2, beta=0.5, pair_warmup=0, learning_rate=0.05, blocks=blocks)
+        packed = mlbfgs_optax.scale_by_mlbfgs(momentum=0.8, **kw)
+        ref = optax.chain(mlbfgs_optax.scale_by_mlbfgs(**kw), optax.ema(0.8, debias=True))
+        out, state = _run(packed, params, jax.grad(f), 30)
+        want, _ = _run(ref, params, jax.grad(f), 30)
+        assert int(state.num_pairs.sum()) > 0
+        for u, v in zip(out, want):
+            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)  # 30 steps apart
+        bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+        u, after = packed.update(bad, state, params)
+        assert all(bool(jnp.all(jnp.isnan(x))) for x in jax.tree.leaves(u))  # passed through
+        for a, b in zip(after.direction_avg, state.direction_avg):
+            np.testing.assert_array_equal(a, b)
+        assert mlbfgs_optax.scale_by_mlbfgs().init(params).direction_avg is None
+    with pytest.raises(ValueError, match="momentum"):
+        mlbfgs_optax.scale_by_mlbfgs(momentum=1.0)
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "l2"])
+def test_weight_decay_modes(mode):
+    """``weight_decay_mode="decoupled"`` (default) is AdamW's decay, added to the step
+    after the momentum; ``"l2"`` adds it to the gradient before the direction. Both
+    equal the optax chains that say so; the state's structure does not depend on the
+    decay, which may be traced (``inject_hyperparams``)."""
+    f = lambda p: jnp.sum((p["w"] - 3.0) ** 2 * jnp.arange(1.0, 5.0))
+    params = {"w": jnp.ones(4), "b": jnp.zeros(2)}
+    lr, lam = 0.05, 0.1
+    kw = dict(update_period=2, beta=0.5, pair_warmup=0)
+    grad = lambda p: {"w": jax.grad(f)(p)["w"], "b": jnp.ones(2)}
+    inner = mlbfgs_optax.scale_by_mlbfgs(learning_rate=lr, momentum=0.9, **kw)
+    decay = optax.add_decayed_weights(lam)
+    ref = (optax.chain(inner, decay, optax.scale_by_learning_rate(lr)) if mode == "decoupled"
+           else optax.chain(decay, inner, optax.scale_by_learning_rate(lr)))
+    tx = mlbfgs_optax.mlbfgs(lr, weight_decay=lam, **kw,
+                             **({} if mode == "decoupled" else {"weight_decay_mode": mode}))
+    traced = optax.inject_hyperparams(mlbfgs_optax.mlbfgs, static_args=("memory_size",))(
+        learning_rate=lr, weight_decay=lam, weight_decay_mode=mode, **kw)
+    want, _ = _run(ref, params, grad, 20)
+    for opt in (tx, traced):
+        out, _ = _run(opt, params, grad, 20)
+        for u, v in zip(out, want):
+            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    no_decay = mlbfgs_optax.mlbfgs(lr, **kw)
+    assert jax.tree.structure(tx.init(params)) == jax.tree.structure(no_decay.init(params))
+    with pytest.raises(ValueError, match="weight_decay_mode"):
+        mlbfgs_optax.mlbfgs(lr, weight_decay_mode="adamw")

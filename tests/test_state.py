@@ -15,14 +15,15 @@ def test_table_lists_every_field_in_order():
     kinds = {k: _state.fields_of(k) for k in _state.Kind}
     assert kinds[_state.Kind.HISTORY] == ("s_history", "y_history")
     assert kinds[_state.Kind.PARAMS] == (
-        "params_avg", "grads_avg", "params_snapshot", "grads_snapshot", "nu")
+        "params_avg", "grads_avg", "params_snapshot", "grads_snapshot", "nu", "direction_avg")
 
 
 @pytest.mark.parametrize("blocks", ["leaf", "all", mlbfgs_optax.EqualSlices(4)])
 def test_zeros_state_shapes_follow_the_table(blocks):
     layout = _blocks.make_layout(PARAMS, blocks)
     m = 3
-    st = _state.zeros_state(layout, m, True, _state.dtypes(layout), metric=True)
+    st = _state.zeros_state(layout, m, True, _state.dtypes(layout), metric=True,
+                            momentum=True)
     packed = [s for s, _ in layout.packed_shapes()]
     b = layout.num_blocks
     for name, kind in _state.FIELDS.items():
@@ -35,10 +36,12 @@ def test_zeros_state_shapes_follow_the_table(blocks):
         elif kind is _state.Kind.BLOCK:
             assert shapes[0][0] == b, name
     assert len({id(x) for x in jax.tree.leaves(st)}) == len(jax.tree.leaves(st))
-    # Without the metric its second moment is absent (None), nothing else changes.
+    # Without the metric its second moment is absent (None), without momentum the
+    # direction's average; nothing else changes.
     plain = _state.zeros_state(layout, m, True, _state.dtypes(layout))
-    assert plain.nu is None and plain._replace(nu=st.nu) is not None
-    assert jax.tree.structure(plain._replace(nu=st.nu)) == jax.tree.structure(st)
+    assert plain.nu is None and plain.direction_avg is None
+    full = plain._replace(nu=st.nu, direction_avg=st.direction_avg)
+    assert jax.tree.structure(full) == jax.tree.structure(st)
 
 
 @pytest.mark.parametrize("params,blocks,sliced", [
