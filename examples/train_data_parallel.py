@@ -85,18 +85,15 @@ def main(argv=None):
     params = jax.device_put(params, replicated)
     with jax.set_mesh(mesh):
         opt_state = tx.init(params)  # created sharded: no device holds all blocks
-    # The mL-BFGS state is sharded over the blocks; the momentum (optax.ema, n numbers)
-    # follows the params, replicated here.
+    # The mL-BFGS state, the momentum included, is sharded over the blocks.
     per_dev = common.bytes_per_device(mlbfgs_optax.find_mlbfgs_state(opt_state))
     unsharded = mlbfgs_optax.mlbfgs(args.lr, blocks=mlbfgs_optax.EqualSlices(num_blocks),
                                     **hyper)
     single = common.tree_bytes(
         mlbfgs_optax.find_mlbfgs_state(jax.eval_shape(unsharded.init, params)))
-    momentum = common.tree_bytes(opt_state) - common.tree_bytes(
-        mlbfgs_optax.find_mlbfgs_state(opt_state))
-    print(f"mL-BFGS state: {max(per_dev.values()):,} bytes per device on {len(per_dev)} "
-          f"device(s) vs {single:,} bytes on one device ({single / max(per_dev.values()):.2f}x "
-          f"less); plus the momentum's {momentum:,} bytes, replicated like the params")
+    print(f"mL-BFGS state (momentum included): {max(per_dev.values()):,} bytes per device on "
+          f"{len(per_dev)} device(s) vs {single:,} bytes on one device "
+          f"({single / max(per_dev.values()):.2f}x less)")
 
     loss_fn = common.classification_loss(model)
     state_shardings = jax.tree.map(lambda x: x.sharding, opt_state)

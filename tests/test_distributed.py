@@ -124,7 +124,8 @@ def test_gspmd_matches_single_device(axis_type, normalize, set_mesh, jit_init):
             p, state = _run(opt, params, grad, state=state0)
         _assert_same(p, _reference(normalize))
         # No resharding between steps: same shardings and dtypes as after init (of the
-        # mL-BFGS state; optax.ema's momentum is created uncommitted like the params).
+        # mL-BFGS state, which holds the momentum too; the chain's other parts are empty).
+        assert _spec(state0[0].direction_avg[0]) == P("data")
         state, state0 = state[0], state0[0]
         same = jax.tree.map(lambda x, y: x.sharding.is_equivalent_to(y.sharding, x.ndim),
                             state, state0)
@@ -134,12 +135,13 @@ def test_gspmd_matches_single_device(axis_type, normalize, set_mesh, jit_init):
 
 def test_state_memory_falls_as_one_over_n():
     params, _ = _problem(jnp.float32)
-    single = mlbfgs_optax.scale_by_mlbfgs(**KW).init(params)
+    single = mlbfgs_optax.scale_by_mlbfgs(momentum=0.9, **KW).init(params)  # momentum too
     total = sum(x.nbytes for x in jax.tree.leaves(single))
     per_block_const = 0
     for n in (2, 4, 8):
         mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
-        st = mlbfgs_optax.scale_by_mlbfgs(mesh=mesh, axis_name="data", **KW).init(params)
+        st = mlbfgs_optax.scale_by_mlbfgs(mesh=mesh, axis_name="data", momentum=0.9,
+                                          **KW).init(params)
         per_dev = _bytes_per_device(st)
         assert len(per_dev) == n
         # Block-axis fields split exactly; replicated: count and the 4 weights.

@@ -66,8 +66,8 @@ def main(argv=None):
           f"{harness.machine()})", "",
           f"MLP {LAYERS}, {n_params:,} float32 parameters, `mlbfgs` defaults (M = 10). "
           "Each cell: the whole optimizer state, then the mL-BFGS element's state alone "
-          "(`find_mlbfgs_state`; the rest is the momentum of the chain, a params-shaped "
-          "buffer that is sharded like the params: replicated under ZeRO).", "",
+          "(`find_mlbfgs_state`, which holds the momentum too, packed like the averages; "
+          "the rest is the chain's scalar counters).", "",
           "| devices | one device | fsdp (leaf blocks) | tensor parallel (leaf blocks) | "
           "ZeRO (EqualSlices + mesh) |", "|---|---|---|---|---|"]
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731

@@ -195,12 +195,14 @@ SPECS = (
     # Weight-decay research (batch_scaling.py): the decay added to the step after the
     # momentum (decoupled, as AdamW) against added to the gradient before the direction
     # (L2, through the metric and the pairs), each on a grid of three decades around its
-    # usual values (the L2 decay is multiplied by the metric D ~ 1/sqrt(nu), ~1e2 here).
+    # usual values (the L2 decay is multiplied by the metric D ~ 1/sqrt(nu), ~1e2 here),
+    # extended by half a decade and a decade where the best was at the top.
     *(OptSpec(f"mlbfgs_wd_{mode}_{lam:g}", f"mlbfgs defaults with weight_decay={lam:g}, "
               f"weight_decay_mode='{mode}'",
               _mlbfgs(**MLBFGS_DEFAULTS, weight_decay=lam, weight_decay_mode=mode), ADAM_GRID,
               (1e-3, 1e-2), _words_default(), DEFAULT_FORMULA, research=True)
-      for mode, grid in (("decoupled", (1e-3, 1e-2, 1e-1)), ("l2", (1e-5, 1e-4, 1e-3)))
+      for mode, grid in (("decoupled", (1e-3, 1e-2, 1e-1, 0.3, 1.0)),
+                         ("l2", (1e-5, 1e-4, 1e-3, 3e-3, 1e-2)))
       for lam in grid),
     OptSpec("adamw_wd_0.1", "AdamW, b=(0.9, 0.999), wd 0.1", lambda lr: optax.adamw(
         learning_rate=lr, b1=0.9, b2=0.999, weight_decay=0.1), ADAM_GRID, (1e-3, 1e-2), 7,

@@ -8,6 +8,12 @@ pairs). Reports, over the run, the median and 90th percentile of ||d - d0|| / ||
 and the fraction of stored pairs whose raw curvature mu was clamped at sigma_low.
 
     python -m examples.benchmarks.research.pair_effect --task mnist1d_mlp --lr 0.01
+
+``--scaling-task`` takes a task of ``batch_scaling.py`` instead (its larger data set),
+trained at ``--batch`` for ``--steps`` with that benchmark's warm-up + cosine schedule:
+
+    python -m examples.benchmarks.research.pair_effect --scaling-task mnist1d_mlp \
+        --batch 8192 --steps 496 --lr 0.1
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 import optax
 
 import mlbfgs_optax
+from examples.benchmarks import batch_scaling, scale
 from examples.benchmarks.harness import batch_grad_fn, cosine
 from examples.benchmarks.tasks import make_task
 
@@ -33,10 +40,21 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sigma_low", type=float, default=0.1)
     p.add_argument("--step_bound", type=float, default=3.0)
+    p.add_argument("--scaling-task", default=None, help="a task of batch_scaling.py")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the task's)")
     args = p.parse_args()
-    task = make_task(args.task)
-    steps = args.steps or task.steps
-    sched = cosine(args.lr, steps)
+    if args.scaling_task:
+        task = batch_scaling.make_task(args.scaling_task).task
+        batch = args.batch or 1024
+        steps = args.steps or batch_scaling.make_task(args.scaling_task).steps(batch)
+        sched = scale.warmup_cosine(args.lr, steps)
+        name = f"{args.scaling_task} (batch_scaling) batch {batch}"
+    else:
+        task = make_task(args.task)
+        batch = args.batch or task.batch_size
+        steps = args.steps or task.steps
+        sched = cosine(args.lr, steps)
+        name = f"{args.task} batch {batch}"
     kw = dict(curvature=args.curvature, sigma_low=args.sigma_low, step_bound=args.step_bound)
     tx = mlbfgs_optax.mlbfgs(sched, **kw)
     inner = mlbfgs_optax.scale_by_mlbfgs(learning_rate=sched, **kw)
@@ -64,7 +82,7 @@ def main():
     rng = np.random.default_rng(args.seed)
     rels, coss, taus, clamped = [], [], [], []  # clamped: raw mu of every pair step
     for t in range(steps):
-        idx = jnp.asarray(rng.integers(0, len(task.x_train), task.batch_size))
+        idx = jnp.asarray(rng.integers(0, len(task.x_train), batch))
         params, state, rel, cos = step(params, state, idx)
         st = state[0]
         if (t + 1) % 10 == 0 and t > 20:
@@ -74,7 +92,7 @@ def main():
             rels.append(float(rel))
             coss.append(float(cos))
     rels, coss, mus = np.asarray(rels), np.asarray(coss), np.concatenate(clamped)
-    print(f"{args.task} lr {args.lr} {args.curvature}: ||d - d0||/||d0|| median "
+    print(f"{name} lr {args.lr} {args.curvature}: ||d - d0||/||d0|| median "
           f"{np.median(rels):.3f}, p90 {np.percentile(rels, 90):.3f}; cos(d, d0) median "
           f"{np.median(coss):.3f}, p10 {np.percentile(coss, 10):.3f}; mean tau "
           f"{np.mean(taus):.3f}; raw mu <= sigma_low in {np.mean(mus <= args.sigma_low):.0%} "
