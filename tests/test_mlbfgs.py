@@ -600,8 +600,8 @@ def test_packed_momentum_equals_optax_ema_after_the_direction(blocks):
 
 @pytest.mark.parametrize("mode", ["decoupled", "l2"])
 def test_weight_decay_modes(mode):
-    """``weight_decay_mode="decoupled"`` (default) is AdamW's decay, added to the step
-    after the momentum; ``"l2"`` adds it to the gradient before the direction. Both
+    """``weight_decay_mode="l2"`` (default) adds the decay to the gradient before the
+    direction; ``"decoupled"`` is AdamW's decay, added to the step after the momentum. Both
     equal the optax chains that say so; the state's structure does not depend on the
     decay, which may be traced (``inject_hyperparams``)."""
     f = lambda p: jnp.sum((p["w"] - 3.0) ** 2 * jnp.arange(1.0, 5.0))
@@ -614,7 +614,7 @@ def test_weight_decay_modes(mode):
     ref = (optax.chain(inner, decay, optax.scale_by_learning_rate(lr)) if mode == "decoupled"
            else optax.chain(decay, inner, optax.scale_by_learning_rate(lr)))
     tx = mlbfgs_optax.mlbfgs(lr, weight_decay=lam, **kw,
-                             **({} if mode == "decoupled" else {"weight_decay_mode": mode}))
+                             **({} if mode == "l2" else {"weight_decay_mode": mode}))
     traced = optax.inject_hyperparams(mlbfgs_optax.mlbfgs, static_args=("memory_size",))(
         learning_rate=lr, weight_decay=lam, weight_decay_mode=mode, **kw)
     want, _ = _run(ref, params, grad, 20)
