@@ -570,7 +570,10 @@ def _run(tx, params, grad, steps):
     return out, state
 
 
-@pytest.mark.parametrize("blocks", ["leaf", "all", mlbfgs_optax.EqualSlices(2)])
+# "leaf" in CI; the other block kinds share the momentum code (slow tier).
+@pytest.mark.parametrize("blocks", ["leaf", pytest.param("all", marks=pytest.mark.slow),
+                                    pytest.param(mlbfgs_optax.EqualSlices(2),
+                                                 marks=pytest.mark.slow)])
 def test_packed_momentum_equals_optax_ema_after_the_direction(blocks):
     """``scale_by_mlbfgs(momentum=mu)`` holds the direction's debiased EMA in its packed
     state: the same steps as ``optax.ema(mu, debias=True)`` chained after it (float64,
