@@ -388,73 +388,44 @@ def mlbfgs(
     """
     _options.check("weight_decay", weight_decay, lambda v: 0.0 <= v < math.inf,
                    "a finite float >= 0", "mlbfgs")
-    if momentum is not None:
-        _options.check("momentum", momentum, lambda v: 0.0 <= v < 1.0, "a float in [0, 1)",
-                       "mlbfgs")
     _options.check("learning_rate", learning_rate, math.isfinite,
                    "a finite float or a schedule", "mlbfgs")
-    if weight_decay_mode not in ("decoupled", "l2"):
-        raise ValueError(f"mlbfgs: weight_decay_mode={weight_decay_mode!r} is invalid; "
-                         "expected 'decoupled' or 'l2'.")
-    args = locals()
+    _options.check_choice("weight_decay_mode", weight_decay_mode, ("l2", "decoupled"), "mlbfgs")
+    args = locals()  # momentum is checked by scale_by_mlbfgs, which holds it
     inner = scale_by_mlbfgs(**{k: args[k] for k in _SCALE_ARGS})
-    if weight_decay_mode == "l2":
-        inner = _with_weight_decay(inner, weight_decay, weight_decay_mask)
-    else:
-        inner = _with_decoupled_decay(inner, weight_decay, weight_decay_mask)
+    inner = _with_weight_decay(inner, weight_decay, weight_decay_mask,
+                               decoupled=weight_decay_mode == "decoupled")
     return optax.chain(inner, optax.scale_by_learning_rate(learning_rate))
 
 
-def _skip_decay(weight_decay) -> bool:
-    return _options.is_number(weight_decay) and weight_decay == 0
-
-
-def _needs_params(update_fn):
-    def checked(updates, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError("mlbfgs needs the current params: call update(updates, state, params).")
-        return update_fn(updates, state, params, **extra_args)
-    return checked
-
-
 def _with_weight_decay(inner: optax.GradientTransformationExtraArgs, weight_decay,
-                       mask) -> optax.GradientTransformationExtraArgs:
-    r"""``inner`` applied to :math:`g + \lambda\theta`, with ``inner``'s state alone.
+                       mask, decoupled: bool = False) -> optax.GradientTransformationExtraArgs:
+    r"""``inner`` with weight decay :math:`\lambda\theta`, and ``inner``'s state alone.
 
+    L2 (default): ``inner`` applied to :math:`g + \lambda\theta`. ``decoupled``:
+    :math:`\lambda\theta` added to ``inner``'s output, which chained before
+    ``optax.scale_by_learning_rate`` is AdamW's decay,
+    :math:`\theta \leftarrow \theta - \eta(\hat m + \lambda\theta)`.
     :func:`optax.add_decayed_weights` is stateless, so folding it into the
     mL-BFGS element keeps the state's structure the same whatever
     ``weight_decay`` is (a concrete 0, a number, or a traced value under
     :func:`optax.inject_hyperparams`); a concrete 0 skips the arithmetic.
     """
-    if _skip_decay(weight_decay):
+    if _options.is_number(weight_decay) and weight_decay == 0:
         return inner
     decay = optax.add_decayed_weights(weight_decay, mask=mask)
 
-    def update_fn(updates, state, params, **extra_args):
-        updates, _ = decay.update(updates, decay.init(params), params)
-        return inner.update(updates, state, params, **extra_args)
-
-    return optax.GradientTransformationExtraArgs(inner.init, _needs_params(update_fn))
-
-
-def _with_decoupled_decay(inner: optax.GradientTransformationExtraArgs, weight_decay,
-                          mask) -> optax.GradientTransformationExtraArgs:
-    r"""``inner``'s output plus :math:`\lambda\theta`, with ``inner``'s state alone.
-
-    Chained before ``optax.scale_by_learning_rate`` this is AdamW's decoupled
-    decay, :math:`\theta \leftarrow \theta - \eta(\hat m + \lambda\theta)`;
-    stateless, as :func:`_with_weight_decay`.
-    """
-    if _skip_decay(weight_decay):
-        return inner
-    decay = optax.add_decayed_weights(weight_decay, mask=mask)
-
-    def update_fn(updates, state, params, **extra_args):
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("mlbfgs needs the current params: call update(updates, state, params).")
+        if not decoupled:
+            updates, _ = decay.update(updates, decay.init(params), params)
         updates, state = inner.update(updates, state, params, **extra_args)
-        updates, _ = decay.update(updates, decay.init(params), params)
+        if decoupled:
+            updates, _ = decay.update(updates, decay.init(params), params)
         return updates, state
 
-    return optax.GradientTransformationExtraArgs(inner.init, _needs_params(update_fn))
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 #: The arguments of :func:`scale_by_mlbfgs`, which :func:`mlbfgs` forwards.

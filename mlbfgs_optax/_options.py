@@ -35,10 +35,11 @@ def check(name: str, value: Any, ok, expected: str, where: str = "scale_by_mlbfg
         raise ValueError(f"{where}: {name}={value!r} is invalid; expected {expected}.")
 
 
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[str, ...],
+                 where: str = "scale_by_mlbfgs") -> None:
     """Raises a ValueError naming the argument when ``value`` is not one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"scale_by_mlbfgs: {name}={value!r} is invalid; expected "
+        raise ValueError(f"{where}: {name}={value!r} is invalid; expected "
                          + " or ".join(repr(c) for c in choices) + ".")
 
 

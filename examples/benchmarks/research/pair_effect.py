@@ -44,9 +44,10 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the task's)")
     args = p.parse_args()
     if args.scaling_task:
-        task = batch_scaling.make_task(args.scaling_task).task
+        scaling = batch_scaling.make_task(args.scaling_task)
+        task = scaling.task
         batch = args.batch or 1024
-        steps = args.steps or batch_scaling.make_task(args.scaling_task).steps(batch)
+        steps = args.steps or scaling.steps(batch)
         sched = scale.warmup_cosine(args.lr, steps)
         name = f"{args.scaling_task} (batch_scaling) batch {batch}"
     else:
