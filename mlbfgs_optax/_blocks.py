@@ -371,36 +371,40 @@ class BlockLayout:
         return self._to_blocks(parts, "max").T
 
     def block_dot_history(self, history: list[jax.Array], v: list[jax.Array], dtype) -> jax.Array:
-        """``<h_m, v>`` per block for every slot ``m`` of ``(M, ...)`` histories: ``(B, M)``."""
+        """``<h_m, v>`` per block for every slot ``m`` of unit-major histories: ``(B, M)``."""
         return self._to_blocks([self._unit_products(h, x, dtype) for h, x in zip(history, v)],
                                "sum")
 
     def _unit_products(self, h: jax.Array, x: jax.Array, dtype) -> jax.Array:
-        """``<h_m[u], x[u]>`` for every unit ``u`` and slot ``m``: ``(U, M)``.
+        """``<h[u, m], x[u]>`` for every unit ``u`` and slot ``m``: ``(U, M)``.
 
-        A batched matrix-vector product (twice as fast on XLA:CPU as a fused
-        multiply-reduce) where ``x`` carries no sharding; with a sharded unit
-        shape, the multiply-reduce, whose result is replicated without asking.
+        The history is unit-major, ``(U, M, ...)``: a batched matrix-vector
+        product over the leading unit axis reads it once, in place (no
+        transpose). A float32 history goes to the library's batched product; a
+        narrower one is upcast inside a fused multiply-reduce (XLA:CPU's
+        low-precision batched products are an order of magnitude slower). With a
+        sharded unit shape, the multiply-reduce, whose result is replicated
+        without asking.
         """
-        if _partitioned(x) is None:
-            return jnp.einsum("mu...,u...->um", h, x.astype(dtype), preferred_element_type=dtype)
-        return jnp.sum(h.astype(dtype) * x.astype(dtype)[None], axis=tuple(range(2, h.ndim))).T
+        if _partitioned(x) is None and h.dtype == jnp.dtype(dtype):
+            return jnp.einsum("um...,u...->um", h, x.astype(dtype), preferred_element_type=dtype)
+        return _multiply_reduce(h, x.astype(dtype)[:, None], dtype)
 
     def block_dot_history_many(self, history: list[jax.Array], vs: list[list[jax.Array]],
                                dtype) -> jax.Array:
         """``<h_m, v_k>`` per block for every slot ``m`` and packed vector ``v_k``: ``(B, M, K)``.
 
-        One fused pass per packed array against the stacked vectors, so the
-        history is read once for all ``K`` vectors.
+        One pass per packed array against the stacked vectors, so the history
+        is read once for all ``K`` vectors.
         """
         parts = []
         for j, h in enumerate(history):
-            v = jnp.stack([vk[j].astype(dtype) for vk in vs])  # (K, U, ...)
-            if all(_partitioned(vk[j]) is None for vk in vs):  # see _unit_products
-                parts.append(jnp.einsum("mu...,ku...->umk", h, v, preferred_element_type=dtype))
+            v = jnp.stack([vk[j].astype(dtype) for vk in vs], axis=1)  # (U, K, ...)
+            if all(_partitioned(vk[j]) is None for vk in vs) and h.dtype == jnp.dtype(dtype):
+                parts.append(jnp.einsum("um...,uk...->umk", h, v, preferred_element_type=dtype))
                 continue
-            prod = h.astype(dtype)[:, None] * v[None]  # (M, K, U, ...)
-            parts.append(jnp.transpose(jnp.sum(prod, axis=tuple(range(3, prod.ndim))), (2, 0, 1)))
+            parts.append(jnp.stack([_multiply_reduce(h, v[:, k:k + 1], dtype)
+                                    for k in range(len(vs))], axis=-1))
         return self._to_blocks(parts, "sum")
 
     def combine_history(self, coef: jax.Array, history: list[jax.Array], dtype) -> list[jax.Array]:
@@ -408,9 +412,9 @@ class BlockLayout:
         out = []
         for j, h in enumerate(history):
             c = self.per_unit(coef.astype(dtype), j)  # (U, M) or (M,)
-            c = c.T if c.ndim == 2 else c[:, None]
-            out.append(jnp.sum(c.reshape(c.shape + (1,) * (h.ndim - 2)) * h.astype(dtype),
-                               axis=0))
+            c = c if c.ndim == 2 else jnp.broadcast_to(c, h.shape[:2])
+            out.append(jnp.einsum("um,um...->u...", c, h.astype(dtype),
+                                  preferred_element_type=dtype))
         return out
 
     def block_max_abs(self, a: list[jax.Array], dtype) -> jax.Array:
@@ -418,23 +422,60 @@ class BlockLayout:
         return self.block_max_abs_many([a], dtype)[0]
 
     def gather_slot(self, history: jax.Array, slots: jax.Array, i: int) -> jax.Array:
-        """Row ``slots[block]`` of a ``(M, U, ...)`` history array, per unit."""
+        """Slot ``slots[block]`` of a unit-major ``(U, M, ...)`` history array, per unit."""
         idx = self.per_unit(slots, i)
         if idx.ndim == 0:
-            return jax.lax.dynamic_index_in_dim(history, idx, 0, keepdims=False)
-        idx = idx.reshape((1, idx.shape[0]) + (1,) * (history.ndim - 2))
-        return jnp.take_along_axis(history, idx, axis=0, mode="clip")[0]
+            return jax.lax.dynamic_index_in_dim(history, idx, 1, keepdims=False)
+        idx = idx.reshape((idx.shape[0], 1) + (1,) * (history.ndim - 2))
+        return jnp.take_along_axis(history, idx, axis=1, mode="clip")[:, 0]
 
     def scatter_slot(
         self, history: jax.Array, value: jax.Array, slots: jax.Array, write: jax.Array, i: int
     ) -> jax.Array:
-        """Write ``value`` at row ``slots[block]`` of ``history`` where ``write[block]``."""
-        old = self.gather_slot(history, slots, i)
-        new = jnp.where(self.broadcast(write, i, value.ndim), value.astype(history.dtype), old)
+        """Writes ``value`` at slot ``slots[block]`` of ``history`` where ``write[block]``.
+
+        Only the written rows are touched: the units whose block does not
+        write are sent out of range and dropped (no read of the old rows).
+        """
         idx = self.per_unit(slots, i)
+        w = self.per_unit(write, i)
+        num_slots = history.shape[1]
+        value = value.astype(history.dtype)
         if idx.ndim == 0:
-            return jax.lax.dynamic_update_index_in_dim(history, new, idx, 0)
-        return history.at[idx, jnp.arange(idx.shape[0])].set(new, mode="drop")
+            idx = jnp.broadcast_to(idx, history.shape[:1])
+            w = jnp.broadcast_to(w, history.shape[:1])
+        idx = jnp.where(w, idx, num_slots)
+        return history.at[jnp.arange(history.shape[0]), idx].set(value, mode="drop")
+
+    # Histories in the user's layout ------------------------------------------
+
+    def pack_history(self, tree: Any) -> list[jax.Array]:
+        """A pytree of ``(M, *shape)`` leaves -> unit-major packed histories ``(U, M, ...)``."""
+        return [jnp.moveaxis(x, 0, 1) for x in self.pack(tree, lead=1)]
+
+    def unpack_history(self, packed: list[jax.Array], dtypes=None) -> Any:
+        """Unit-major packed histories -> a pytree of ``(M, *shape)`` leaves."""
+        return self.unpack([jnp.moveaxis(x, 1, 0) for x in packed], dtypes=dtypes, lead=1)
+
+
+def _multiply_reduce(h: jax.Array, v: jax.Array, dtype) -> jax.Array:
+    """``sum(h * v)`` over all but the two leading axes, in ``dtype``: ``(U, M)``.
+
+    ``h`` is ``(U, M, ...)`` and ``v`` broadcasts against it. The reduction is
+    split into a column reduction over all but a last axis of
+    :data:`_LANES` numbers, which XLA:CPU vectorises, then a short one over
+    the lanes (a single row reduction over a long axis is not vectorised).
+    """
+    prod = h.astype(dtype) * v.astype(dtype)
+    n = math.prod(prod.shape[2:])
+    if n % _LANES == 0 and n > _LANES and _partitioned(v) is None:
+        prod = prod.reshape(prod.shape[:2] + (n // _LANES, _LANES))
+        return jnp.sum(jnp.sum(prod, axis=2), axis=-1)
+    return jnp.sum(prod, axis=tuple(range(2, prod.ndim)))
+
+
+#: The lanes of a vectorised reduction (:func:`_multiply_reduce`).
+_LANES = 128
 
 
 jax.tree_util.register_static(BlockLayout)

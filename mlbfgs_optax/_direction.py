@@ -201,7 +201,7 @@ def combine(layout, q: list, base, coef_s, s_hist: list, coef_y, y_hist: list, a
                 (-1,) + (1,) * (x.ndim - 1))
             dj = bc(base, j, x.ndim) * x.astype(acc)
             for m in range(num_slots):
-                dj = dj + col(cs, m) * s[m].astype(acc)
-                dj = dj + col(cy, m) * y[m].astype(acc)
+                dj = dj + col(cs, m) * s[:, m].astype(acc)
+                dj = dj + col(cy, m) * y[:, m].astype(acc)
             d.append(dj)
     return d if root_d is None else [x * r for x, r in zip(d, root_d)]

@@ -252,8 +252,8 @@ def state_specs(state: ScaleByMLBFGSState, axis_name: Optional[str] = None,
     """PartitionSpecs of a :class:`ScaleByMLBFGSState`, read off the field table.
 
     For a sliced state (:func:`mlbfgs_optax._state.is_sliced`) and an
-    ``axis_name``, the params-shaped fields shard their block rows, the
-    histories their second axis and the per-block fields their first. For the
+    ``axis_name``, the params-shaped fields and the (unit-major) histories
+    shard their block rows, the per-block fields their first axis. For the
     other layouts with ``params_specs`` (the params' own specs, a pytree like
     params), every stacked bucket of a params-shaped field takes
     ``P(None, *spec)`` of its leaves and of a history ``P(None, None, *spec)``,
@@ -271,7 +271,7 @@ def state_specs(state: ScaleByMLBFGSState, axis_name: Optional[str] = None,
         by_kind = {
             _state.Kind.SCALAR: PartitionSpec(),
             _state.Kind.PARAMS: [PartitionSpec(axis_name)],
-            _state.Kind.HISTORY: [PartitionSpec(None, axis_name)],
+            _state.Kind.HISTORY: [PartitionSpec(axis_name)],
             _state.Kind.BLOCK: PartitionSpec(axis_name),
         }
         return replicated._replace(**{f: by_kind[k] for f, k in table.items()})
@@ -334,7 +334,7 @@ def state_partition_specs(opt_state: Any, axis_name: Optional[str] = None,
       >>> opt = mlbfgs_optax.mlbfgs(0.1, blocks=mlbfgs_optax.EqualSlices(8))
       >>> specs = mlbfgs_optax.state_partition_specs(
       ...     jax.eval_shape(opt.init, jnp.zeros(64)), "data")
-      >>> specs[0].s_history == [P(None, "data")]
+      >>> specs[0].s_history == [P("data")]
       True
       >>> mesh = jax.make_mesh((1,), ("x",))
       >>> w = jax.ShapeDtypeStruct((8, 4), jnp.float32,

@@ -31,8 +31,10 @@ class ScaleByMLBFGSState(NamedTuple):
       grads_avg: :math:`M^g`, EMA of the incoming updates (gradients).
       params_snapshot: :math:`M^\theta` at the last pair step.
       grads_snapshot: :math:`M^g` at the last pair step.
-      s_history: ring buffers of :math:`s_k`, leading axis ``M``.
-      y_history: ring buffers of the damped :math:`\hat y_k`, leading axis ``M``.
+      s_history: ring buffers of :math:`s_k`, unit-major: ``(U, M, ...)`` for
+        a packed array ``(U, ...)``, so that every product with the history
+        reads it once, in place.
+      y_history: ring buffers of the damped :math:`\hat y_k`, like ``s_history``.
       rho: :math:`\rho_k = 1 / s_k^\top \hat y_k` per block and slot,
         ``(B, M)``; 0 marks an empty slot.
       gamma: :math:`\gamma = s^\top \hat y / \hat y^\top \hat y` of every
@@ -102,10 +104,11 @@ class ScaleByMLBFGSState(NamedTuple):
           {'b': (3, 3), 'w': (3, 2, 3)}
         """
         packed = getattr(self, name)
-        lead = 1 if FIELDS[name] is Kind.HISTORY else 0
         dtype_of = {i: x.dtype for b, x in zip(self.layout.buckets, packed) for i in b.leaves}
         dtypes = [dtype_of[i] for i in range(len(self.layout.shapes))]
-        return self.layout.unpack(packed, dtypes=dtypes, lead=lead)
+        if FIELDS[name] is Kind.HISTORY:
+            return self.layout.unpack_history(packed, dtypes=dtypes)
+        return self.layout.unpack(packed, dtypes=dtypes)
 
 
 class Kind(enum.Enum):
@@ -113,7 +116,7 @@ class Kind(enum.Enum):
 
     SCALAR = "scalar"  # one value for the whole optimizer (replicated)
     PARAMS = "params"  # mirrors the params, packed by the block layout
-    HISTORY = "history"  # mirrors the params with a leading memory axis (M, ...)
+    HISTORY = "history"  # mirrors the params, unit-major: (U, M, ...) per packed array
     BLOCK = "block"  # a leading block axis (B, ...)
     LAYOUT = "layout"  # static data, no arrays
 
@@ -182,7 +185,7 @@ def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes,
     """The initial state of the blocks of ``layout`` (all arrays distinct buffers).
 
     ``zeros(j, shape, dtype)`` creates packed array ``j`` of a params-shaped or
-    history field (``shape`` has the history's leading ``M`` axis); the default
+    history field (a history's ``shape`` has the memory axis ``M`` second); the default
     is ``jnp.zeros``. Placements pass one that follows the params' sharding.
     ``metric``: hold the metric's second moment ``nu`` (else None);
     ``momentum``: hold the direction's EMA ``direction_avg`` (else None).
@@ -192,8 +195,10 @@ def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes,
     gram = (b, m, m) if cache_gram else (b, 0, 0)
     zeros = zeros or (lambda j, shape, dtype: jnp.zeros(shape, dtype))
 
-    def params(dts, lead=()):
-        return [zeros(j, lead + s, d) for j, (s, d) in enumerate(zip(packed, dts))]
+    def params(dts, memory=None):
+        # A history is unit-major, (U, M, ...): every unit's M vectors side by side.
+        shape = (lambda s: s) if memory is None else (lambda s: s[:1] + (memory,) + s[1:])
+        return [zeros(j, shape(s), d) for j, (s, d) in enumerate(zip(packed, dts))]
 
     return ScaleByMLBFGSState(
         count=jnp.zeros([], jnp.int32),
@@ -201,8 +206,8 @@ def zeros_state(layout, memory_size: int, cache_gram: bool, dt: Dtypes,
         grads_avg=params(dt.averages),
         params_snapshot=params(dt.averages),
         grads_snapshot=params(dt.averages),
-        s_history=params(dt.history, (m,)),
-        y_history=params(dt.history, (m,)),
+        s_history=params(dt.history, m),
+        y_history=params(dt.history, m),
         rho=jnp.zeros((b, m), dt.acc),
         gamma=jnp.ones((b,), dt.acc),
         newest=jnp.full((b,), m - 1, jnp.int32),

@@ -52,7 +52,7 @@ def blockwise_two_loop(
     Args:
       layout: the static block layout of the packed arrays.
       updates: packed vector :math:`g`, one array per segment of ``layout``.
-      s_history: packed :math:`s` history, each array with a leading ``M`` axis.
+      s_history: packed :math:`s` history, each array unit-major, ``(U, M, ...)``.
       y_history: packed :math:`\hat y` history, same shapes as ``s_history``.
       rho: :math:`\rho` per block and slot, shape ``(B, M)``; 0 marks an empty
         slot.
@@ -149,8 +149,8 @@ def two_loop_recursion(
     d = blockwise_two_loop(
         layout,
         layout.pack(updates),
-        layout.pack(s_history, lead=1),
-        layout.pack(y_history, lead=1),
+        layout.pack_history(s_history),
+        layout.pack_history(y_history),
         jnp.asarray(rho)[None],
         jnp.asarray(gamma).reshape(1),
         jnp.asarray(newest, jnp.int32).reshape(1),
@@ -192,7 +192,7 @@ def blockwise_two_loop_gram(
     Args:
       layout: the static block layout of the packed arrays.
       updates: packed :math:`g`.
-      s_history: packed :math:`s` history (leading axis ``M``).
+      s_history: packed :math:`s` history (unit-major, ``(U, M, ...)``).
       y_history: packed :math:`\hat y` history.
       rho: ``(B, M)``, 0 for empty slots.
       gamma: ``(B,)``.

@@ -64,7 +64,7 @@ def test_block_dot_and_max_against_numpy(blocks, packing):
 
 def test_scatter_and_gather_slot_per_block():
     layout = _blocks.make_layout(PARAMS, mlbfgs_optax.EqualSlices(4))
-    hist = jnp.zeros((3, 4, 4))
+    hist = jnp.zeros((4, 3, 4))  # unit-major: (units, M, row)
     value = jnp.ones((4, 4))
     slots = jnp.asarray([0, 1, 2, 0])
     write = jnp.asarray([True, True, False, True])

@@ -45,8 +45,8 @@ def test_coefficients_and_combine_equal_scan_two_loop(memory, blocks):
     layout = _blocks.make_layout(np.zeros(n), blocks)
     newest, num_pairs = 1, min(memory, 5)
     s, y, rho = _history(rng, layout, memory, num_pairs, newest)
-    s_hist = layout.pack(jnp.asarray(s), lead=1)
-    y_hist = layout.pack(jnp.asarray(y), lead=1)
+    s_hist = layout.pack_history(jnp.asarray(s))
+    y_hist = layout.pack_history(jnp.asarray(y))
     g = rng.normal(size=n)
     q = layout.pack(jnp.asarray(g))
     rho_b, gamma, newest_b = jnp.asarray(rho)[None], jnp.asarray([0.7]), jnp.asarray([newest])
@@ -71,8 +71,8 @@ def test_safe_products_rescale_only_out_of_range():
     """q^T q in range: the products as taken and c = 1; q of 1e200 (q^T q overflows): retaken
     of q / c with c a power of two near max|q|, and the direction's coefficients scale back."""
     layout = _blocks.make_layout(jnp.zeros(4), "all")
-    s_hist = layout.pack(jnp.asarray([[1.0, 2.0, 0.0, 1.0]]), lead=1)
-    y_hist = layout.pack(jnp.asarray([[2.0, 1.0, 1.0, 0.0]]), lead=1)
+    s_hist = layout.pack_history(jnp.asarray([[1.0, 2.0, 0.0, 1.0]]))
+    y_hist = layout.pack_history(jnp.asarray([[2.0, 1.0, 1.0, 0.0]]))
     one = jnp.ones(1, jnp.float64)
 
     def safe(q):

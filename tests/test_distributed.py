@@ -120,7 +120,7 @@ def test_gspmd_matches_single_device(axis_type, normalize, set_mesh, jit_init):
         opt = mlbfgs_optax.mlbfgs(0.1, normalize=normalize, mesh=mesh, axis_name="data", **KW)
         with (jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext()):
             state0 = jax.jit(opt.init)(params) if jit_init else opt.init(params)
-            assert _spec(state0[0].s_history[0]) == P(None, "data")
+            assert _spec(state0[0].s_history[0]) == P("data")
             p, state = _run(opt, params, grad, state=state0)
         _assert_same(p, _reference(normalize))
         # No resharding between steps: same shardings and dtypes as after init (of the
@@ -148,7 +148,7 @@ def test_state_memory_falls_as_one_over_n():
         per_block_const = 4 + 4 * 8
         assert max(per_dev.values()) <= total / n + per_block_const, (n, per_dev, total)
         # Created sharded: the history never sat whole on one device.
-        assert st.s_history[0].sharding.spec == P(None, "data")
+        assert st.s_history[0].sharding.spec == P("data")
 
 
 def test_compiled_step_has_one_all_gather_and_no_all_reduce():
@@ -180,7 +180,7 @@ def test_shard_map_with_axis_name_matches_single_device():
             state = jax.device_put(state, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
             p, state = _run(opt, params, grad, step_wrapper=wrap, state=state)
         _assert_same(p, _reference(False))
-        assert state[0].s_history[0].addressable_shards[0].data.shape == (4, K // N_DEV, 20)
+        assert state[0].s_history[0].addressable_shards[0].data.shape == (K // N_DEV, 4, 20)
 
 
 def test_pmap_with_axis_name_matches_single_device():
@@ -190,7 +190,7 @@ def test_pmap_with_axis_name_matches_single_device():
         replicated = jax.tree.map(lambda x: jnp.stack([x] * N_DEV), params)
         state = jax.pmap(opt.init, axis_name="data")(replicated)
         # Each device holds only its K / N blocks.
-        assert state[0].s_history[0].shape == (N_DEV, 4, K // N_DEV, 20)
+        assert state[0].s_history[0].shape == (N_DEV, K // N_DEV, 4, 20)
 
         def step(p, st, t):
             u, st = opt.update(grad(p, t), st, p)

@@ -40,10 +40,15 @@ def _setup(blocks="leaf", seed=0, **kw):
     return layout, opts, h, dt, st, rng
 
 
-def _random(layout, rng, packed, lead=0):
-    """Random values in the shape of a packed list, zero in the padding (as packing makes it)."""
+def _random(layout, rng, packed, history=False):
+    """Random values in the shape of a packed list, zero in the padding (as packing makes it).
+
+    ``history``: ``packed`` are unit-major histories.
+    """
     values = [jnp.asarray(rng.normal(size=x.shape)) for x in packed]
-    return layout.pack(layout.unpack(values, lead=lead), lead=lead)
+    if history:
+        return layout.pack_history(layout.unpack_history(values))
+    return layout.pack(layout.unpack(values))
 
 
 def _flat(layout, packed, block):
@@ -78,14 +83,14 @@ def test_candidate_is_difference_of_corrected_averages(bias_correction):
 def test_pair_momentum_mixes_newest_pair_only_where_history_exists():
     layout, _, _, dt, st, rng = _setup()
     s, y = _pairs.candidate(layout, st, True, dt.acc)
-    hist = lambda packed: _random(layout, rng, packed, lead=1)
+    hist = lambda packed: _random(layout, rng, packed, history=True)
     s_hist = hist(st.s_history)
     y_hist = hist(st.y_history)
     newest = jnp.asarray([2, 0])
     num_pairs = jnp.asarray([1, 0])  # block 1 has no pair yet
     s2, y2 = _pairs.with_pair_momentum(layout, s, y, s_hist, y_hist, newest, num_pairs, 0.9,
                                        dt.acc)
-    prev_s = [np.asarray(h)[2] for h in s_hist]
+    prev_s = [np.asarray(h)[:, 2] for h in s_hist]
     b0 = lambda v: _flat(layout, v, 0)
     np.testing.assert_allclose(b0(s2), 0.1 * b0(s) + 0.9 * _flat(layout, prev_s, 0))
     np.testing.assert_allclose(_flat(layout, s2, 1), _flat(layout, s, 1))
@@ -119,7 +124,7 @@ def test_damp_yy_bound_lowers_tau():
 def test_products_and_gram_rows_against_numpy():
     layout, _, _, dt, st, rng = _setup()
     s, y = _pairs.candidate(layout, st, True, dt.acc)
-    hist = lambda packed: _random(layout, rng, packed, lead=1)
+    hist = lambda packed: _random(layout, rng, packed, history=True)
     s_hist, y_hist = hist(st.s_history), hist(st.y_history)
     q = _random(layout, rng, s)
     slot = jnp.asarray([1, 2])
@@ -132,8 +137,8 @@ def test_products_and_gram_rows_against_numpy():
                                                                      slot, q, dt.acc)
     for b in range(layout.num_blocks):
         sb, yb, qb = _flat(layout, s, b), _flat(layout, y, b), _flat(layout, q, b)
-        sh = [_flat(layout, [h[m] for h in s_hist], b) for m in range(M)]
-        yh = [_flat(layout, [h[m] for h in y_hist], b) for m in range(M)]
+        sh = [_flat(layout, [h[:, m] for h in s_hist], b) for m in range(M)]
+        yh = [_flat(layout, [h[:, m] for h in y_hist], b) for m in range(M)]
         np.testing.assert_allclose(float(p.sy[b]), sb @ yb)
         row_sy = [sb @ yh[m] for m in range(M)]
         col_sy = [sh[m] @ yb for m in range(M)]
@@ -167,7 +172,7 @@ def test_store_writes_ring_slot_rho_gamma_and_gram_only_where_accepted():
     new = _pairs.store(layout, st, s, y, p, slot, ok)
     rows, _ = _pairs.gram_rows(layout, new.s_history, new.y_history, slot, None, dt.acc)
     new = _pairs.store_gram_rows(layout, new, rows, slot, ok)
-    s_hist = layout.unpack(new.s_history, lead=1)
+    s_hist = new.unpacked("s_history")
     np.testing.assert_allclose(np.asarray(s_hist["a"][0]), np.asarray(layout.unpack(s)["a"]))
     assert float(jnp.abs(s_hist["b"]).max()) == 0.0  # rejected: untouched
     np.testing.assert_allclose(float(new.rho[0, 0]), 1.0 / float(p.sy[0]))
@@ -219,7 +224,7 @@ def test_pair_step_with_hvp_stores_the_hessian_times_s():
     s, _ = _pairs.candidate(layout, st, True, dt.acc)
     for b, a in enumerate(mats):
         s_b = _flat(layout, s, b)
-        np.testing.assert_allclose(_flat(layout, [x[0] for x in new.s_history], b), s_b,
+        np.testing.assert_allclose(_flat(layout, [x[:, 0] for x in new.s_history], b), s_b,
                                    rtol=1e-12)
-        np.testing.assert_allclose(_flat(layout, [x[0] for x in new.y_history], b), a @ s_b,
+        np.testing.assert_allclose(_flat(layout, [x[:, 0] for x in new.y_history], b), a @ s_b,
                                    rtol=1e-12)

@@ -32,7 +32,7 @@ def test_zeros_state_shapes_follow_the_table(blocks):
         if kind is _state.Kind.PARAMS:
             assert shapes == packed, name
         elif kind is _state.Kind.HISTORY:
-            assert shapes == [(m,) + s for s in packed], name
+            assert shapes == [s[:1] + (m,) + s[1:] for s in packed], name  # unit-major
         elif kind is _state.Kind.BLOCK:
             assert shapes[0][0] == b, name
     assert len({id(x) for x in jax.tree.leaves(st)}) == len(jax.tree.leaves(st))

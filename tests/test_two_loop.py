@@ -105,9 +105,10 @@ def test_blockwise_equals_each_block_alone():
     sv, yv, rv = _ring(pairs_v, memory, 2)
     g = {"u": rng.normal(size=4), "v": rng.normal(size=3)}
     with jax.enable_x64(True):
-        pk = lambda t, lead=0: layout.pack(jax.tree.map(jnp.asarray, t), lead)
+        pk = lambda t: layout.pack(jax.tree.map(jnp.asarray, t))
+        hist = lambda t: layout.pack_history(jax.tree.map(jnp.asarray, t))
         d = _two_loop.blockwise_two_loop(
-            layout, pk(g), pk({"u": su, "v": sv}, 1), pk({"u": yu, "v": yv}, 1),
+            layout, pk(g), hist({"u": su, "v": sv}), hist({"u": yu, "v": yv}),
             jnp.asarray(np.stack([ru, rv])), jnp.asarray([0.5, 2.0]), jnp.asarray([0, 2]))
         d = layout.unpack(d)
     np.testing.assert_allclose(d["u"], dense_bfgs_inverse(pairs_u, 0.5, 4) @ g["u"], rtol=1e-10)
@@ -122,8 +123,8 @@ def test_equal_slices_rows_are_blocks():
     memory = 2
     rows = [_random_pairs(rng, 4, k) for k in (1, 2, 2)]
     rings = [_ring(p, memory, nw) for p, nw in zip(rows, (1, 0, 1))]
-    s_hist = np.stack([r[0] for r in rings], axis=1)  # (M, 3, 4)
-    y_hist = np.stack([r[1] for r in rings], axis=1)
+    s_hist = np.stack([r[0] for r in rings])  # unit-major: (3, M, 4)
+    y_hist = np.stack([r[1] for r in rings])
     rho = np.stack([r[2] for r in rings])  # (3, M)
     g = rng.normal(size=(3, 4))
     gammas = np.array([1.0, 0.3, 3.0])
@@ -163,6 +164,7 @@ def test_gram_form_equals_two_loops(blocks):
         s_hist = [rng.normal(size=(memory,) + x.shape) for x in packed]
         y_hist = [s + 0.3 * rng.normal(size=s.shape) for s in s_hist]
         as_j = lambda xs: [jnp.asarray(x) for x in xs]
+        unit_major = lambda xs: [jnp.asarray(np.moveaxis(x, 0, 1)) for x in xs]
         slot = lambda xs, p: [jnp.asarray(x[p]) for x in xs]
         dot = lambda u, v: np.asarray(layout.block_dot(u, v, jnp.float64))
         sy = np.stack([[dot(slot(s_hist, p), slot(y_hist, q)) for q in range(memory)]
@@ -172,7 +174,8 @@ def test_gram_form_equals_two_loops(blocks):
         rho = 1.0 / np.stack([sy[p, p] for p in range(memory)], axis=1)  # (B, M)
         newest = rng.integers(0, memory, size=b)
         rho[np.arange(b), (newest + 1) % memory] = 0.0  # one empty slot per block
-        args = (as_j(rng.normal(size=x.shape) for x in packed), as_j(s_hist), as_j(y_hist),
+        args = (as_j(rng.normal(size=x.shape) for x in packed), unit_major(s_hist),
+                unit_major(y_hist),
                 jnp.asarray(rho), jnp.asarray(rng.uniform(0.5, 2.0, size=b)),
                 jnp.asarray(newest, jnp.int32))
         d_scan = _two_loop.blockwise_two_loop(layout, *args)
