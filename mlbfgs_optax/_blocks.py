@@ -192,6 +192,10 @@ class BlockLayout:
                 out.append(jnp.stack([leaves[i].astype(b.dtype) for i in b.leaves], axis=lead))
                 continue
             front = tuple(leaves[b.leaves[0]].shape[:lead])
+            if len(b.leaves) == 1 and math.prod(b.shape) == math.prod(self.shapes[b.leaves[0]]):
+                # A bucket of one leaf without padding: a reshape, no copy.
+                out.append(leaves[b.leaves[0]].astype(b.dtype).reshape(front + b.shape))
+                continue
             parts, pos = [], 0
             # The leaves are materialised first (a barrier): XLA would otherwise fuse
             # their producers into the concatenation, whose every element then selects
@@ -215,8 +219,9 @@ class BlockLayout:
         """List of packed arrays -> params-shaped pytree (cast to ``dtypes``).
 
         ``lead`` as in :meth:`pack`. ``offsets``: :meth:`leaf_offsets` as traced
-        scalars that XLA cannot see through (e.g. outputs of a loop); every leaf
-        is then read with a dynamic slice at its offset instead of a static one.
+        scalars that XLA cannot see through (e.g. outputs of a loop), or None
+        for a bucket; every leaf of a bucket with offsets is then read with a
+        dynamic slice at its offset instead of a static one.
         XLA:CPU compiles every distinct kernel once: static slices make one
         distinct kernel per leaf (their offsets differ), dynamic ones the same
         kernel for every leaf of one shape.
@@ -225,21 +230,28 @@ class BlockLayout:
         leaves: list[Any] = [None] * len(self.shapes)
         for j, (b, x) in enumerate(zip(self.buckets, packed)):
             front = tuple(x.shape[:lead])
+            offs = None if offsets is None else offsets[j]
+            if len(b.leaves) == 1 and b.starts in (None, (0,)) and (
+                    b.starts is None or math.prod(b.shape) == math.prod(self.shapes[b.leaves[0]])):
+                # A bucket of one leaf without padding: a reshape.
+                i = b.leaves[0]
+                leaves[i] = _cast(x.reshape(front + self.shapes[i]), dtypes[i])
+                continue
             if b.starts is None:
-                if offsets is not None:
+                if offs is not None:
                     parts = [jax.lax.dynamic_index_in_dim(x, o, axis=lead, keepdims=False,
                                                           allow_negative_indices=False)
-                             for o in offsets[j]]
+                             for o in offs]
                 else:
                     parts = jax.lax.split(x, (1,) * len(b.leaves), axis=lead)
                 for i, part in zip(b.leaves, parts):
                     leaves[i] = _cast(part.reshape(front + self.shapes[i]), dtypes[i])
                 continue
             flat = x.reshape(front + (-1,))
-            if offsets is not None:
+            if offs is not None:
                 parts = [jax.lax.dynamic_slice_in_dim(flat, o, math.prod(self.shapes[i]), axis=lead,
                                                       allow_negative_indices=False)
-                         for i, o in zip(b.leaves, offsets[j])]
+                         for i, o in zip(b.leaves, offs)]
             else:
                 sizes, pos = [], 0
                 for i, start in zip(b.leaves, b.starts):
@@ -520,17 +532,36 @@ def row_length(sizes: list[int]) -> int:
     return best
 
 
+#: Leaves of at least this many numbers are a bucket of their own (:func:`_member_groups`).
+OWN_BUCKET_SIZE = 1 << 16
+
+
+def _own_row_length(n: int) -> Optional[int]:
+    """The longest of :data:`ROW_LENGTHS` that divides ``n`` (None if none does)."""
+    fits = [r for r in ROW_LENGTHS if n % r == 0]
+    return fits[-1] if fits else None
+
+
 def _member_groups(leaves: list, stacked: list[bool]) -> list[tuple[bool, list[int]]]:
     """The leaves of every bucket, ``(row_packed, members)``, in order of first leaf.
 
-    One stacked bucket per (shape, dtype) of the ``stacked`` leaves, one
-    row-packed bucket per dtype of the others.
+    A leaf of at least :data:`OWN_BUCKET_SIZE` numbers is a bucket of its own:
+    packing and unpacking it are then reshapes (its own buffer, read in place)
+    instead of copies, which at such sizes cost as much as an elementwise pass
+    over it (and a fresh buffer per call). A stacked one is ``(1, *shape)``, a
+    row-packed one ``(n / r, r)`` with ``r`` dividing ``n`` (a leaf that no
+    row length divides is packed with the others). The other stacked leaves
+    form one bucket per (shape, dtype), the other row-packed leaves one bucket
+    per dtype: the program's size is set by the number of large leaves, dtypes
+    and shapes, not by the number of small leaves.
     """
     groups: dict[Any, list[int]] = {}
     for i, x in enumerate(leaves):
+        n = math.prod(x.shape)
+        own = n >= OWN_BUCKET_SIZE and (stacked[i] or _own_row_length(n) is not None)
         key = ((tuple(x.shape),) if stacked[i] else ()) + (jnp.dtype(x.dtype),)
-        groups.setdefault(key, []).append(i)
-    return [(len(key) == 1, members) for key, members in groups.items()]
+        groups.setdefault(key + (("own", i),) if own else key, []).append(i)
+    return [(not stacked[members[0]], members) for members in groups.values()]
 
 
 def _buckets(leaves: list, groups: list[tuple[bool, list[int]]],
@@ -546,6 +577,8 @@ def _buckets(leaves: list, groups: list[tuple[bool, list[int]]],
             continue
         sizes = [math.prod(leaves[i].shape) for i in members]
         r = row_length(sizes)
+        if len(members) == 1 and sizes[0] >= OWN_BUCKET_SIZE:
+            r = _own_row_length(sizes[0]) or r
         starts, unit_block, rows = [], [], 0
         for i, n in zip(members, sizes):
             starts.append(rows * r)

@@ -54,13 +54,11 @@ def history_products(layout, q: list, s_hist: list, y_hist: list, acc) -> tuple:
 def scaled_products(layout, q: list, scale, s_hist: list, y_hist: list, acc) -> tuple:
     r"""The history products of :math:`q_b \cdot \text{scale}_b`: :math:`(S^\top q, \hat Y^\top q, q^\top q)`.
 
-    ``scale`` is ``(B,)``. The update computes the products of the step
-    through this one function, with ``scale`` ones (a buffer XLA cannot fold
-    into a constant) or, for :func:`safe_products`, powers of two: both calls
-    then compile to the same kernels.
+    ``scale`` is ``(B,)``, or None for :math:`q` as it is.
     """
-    qc = [x.astype(acc) * layout.broadcast(scale.astype(acc), j, x.ndim)
-          for j, x in enumerate(q)]
+    qc = [x.astype(acc) for x in q]
+    if scale is not None:
+        qc = [x * layout.broadcast(scale.astype(acc), j, x.ndim) for j, x in enumerate(qc)]
     return (*history_products(layout, qc, s_hist, y_hist, acc), layout.block_dot(qc, qc, acc))
 
 

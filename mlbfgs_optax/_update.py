@@ -264,12 +264,6 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
         s_hist = new.s_history
         y_hist = new.y_history
         zeros = jnp.zeros_like(state.rho, dtype=dt.acc)
-        # Ones per block, as a buffer XLA cannot fold into a constant (zeros on a step
-        # that is not finite, whose direction is not used): the products of q are
-        # taken as those of q * ones, so that the rarely needed retake of the products
-        # of a rescaled q (safe_products) is the same kernels, not compiled twice.
-        unit = _numerics.at_most_once(finite, jnp.ones_like,
-                                      jnp.zeros_like(state.gamma, dtype=dt.acc))
 
         def products_of(scale):
             return _direction.scaled_products(layout, whiten()[0], scale, s_hist, y_hist, dt.acc)
@@ -282,7 +276,7 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
 
         @jax.named_scope("ordinary_products")
         def without_pair():
-            return (zeros,) * 4, (products_of(unit) if fused else None)
+            return (zeros,) * 4, (products_of(None) if fused else None)
 
         rows, products = jax.lax.cond(is_pair_step, with_pair, without_pair)
         new = _pairs.store_gram_rows(layout, new, rows, new.newest, stored)
@@ -323,36 +317,44 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     g_dtypes = [x.dtype for x in layout.treedef.flatten_up_to(updates)]
     # Finite on the packed updates: one reduction per bucket (XLA reads the leaves
     # in place), not one per leaf. An update that the packing's cast overflows
-    # counts as not finite. The packed arrays are then made once, as the operands
-    # of a loop of zero or one trip, instead of copied into every kernel that reads
-    # them; a step that is not finite passes its updates through and leaves the
-    # state as it was, so zeros serve it. The loop also hands back ``finite`` as a
-    # buffer of its own, so that no later kernel recomputes it. (Where no bucket
-    # holds more than one leaf there is nothing to stack, and the loops would only
-    # cost compile time.)
-    splits = any(len(b.leaves) > 1 for b in layout.buckets)
+    # counts as not finite. The buckets that stack several leaves are then made
+    # once, as the operands of a loop of zero or one trip, instead of copied into
+    # every kernel that reads them; a step that is not finite passes its updates
+    # through and leaves the state as it was, so zeros serve it. The loop also
+    # hands back ``finite`` as a buffer of its own, so that no later kernel
+    # recomputes it. A bucket of one leaf is that leaf reshaped: it is read in
+    # place, and the loop would only copy it.
+    multi = [len(b.leaves) > 1 for b in layout.buckets]
+    pick = lambda xs: [x for x, m in zip(xs, multi) if m]
+
+    def merge(xs, picked):
+        it = iter(picked)
+        return [next(it) if m else x for x, m in zip(xs, multi)]
+
     g, theta = layout.pack(updates), layout.pack(params)
     finite = _numerics.all_finite(g)
-    if splits:
-        packed = (g, theta, jnp.asarray(True))
-        g, theta, finite = _numerics.at_most_once(
+    if any(multi):
+        packed = (pick(g), pick(theta), jnp.asarray(True))
+        g_multi, theta_multi, finite = _numerics.at_most_once(
             finite, lambda _: packed, jax.tree.map(jnp.zeros_like, packed))
+        g, theta = merge(g, g_multi), merge(theta, theta_multi)
     hvp = None if grad_fn is None else hessian_vector(layout, grad_fn, params)
     step = functools.partial(local_step, opts, h, hvp=hvp)
     d, new = opts.placement.run(step, layout, g, theta, state, finite)
-    # Likewise the direction is computed once into its packed buffers (as a loop
-    # of zero or one trip) and only then split per leaf: else XLA would copy its
-    # whole computation into the fusion of every leaf it is split into. The loop
-    # also hands back every leaf's offset in its bucket, which XLA then cannot
-    # fold into a constant: the kernels that read the leaves of one shape are
-    # one kernel, compiled once, instead of one per leaf. Where the step is not
-    # finite, the updates pass through as they came (offsets 0 serve it).
+    # Likewise the direction of such a bucket is computed once into its packed
+    # buffer (as a loop of zero or one trip) and only then split per leaf: else XLA
+    # would copy its whole computation into the fusion of every leaf it is split
+    # into. The loop also hands back every leaf's offset in its bucket, which XLA
+    # then cannot fold into a constant: the kernels that read the leaves of one
+    # shape are one kernel, compiled once, instead of one per leaf. Where the step
+    # is not finite, the updates pass through as they came (offsets 0 serve it).
     offsets = None
-    if splits:
-        where = [[jnp.int32(o) for o in offs] for offs in layout.leaf_offsets()]
-        d, offsets = _numerics.at_most_once(
-            finite, lambda _: (d, where),
-            ([jnp.zeros_like(x) for x in d], jax.tree.map(jnp.zeros_like, where)))
+    if any(multi):
+        where = pick([[jnp.int32(o) for o in offs] for offs in layout.leaf_offsets()])
+        d_multi, where = _numerics.at_most_once(
+            finite, lambda _: (pick(d), where),
+            ([jnp.zeros_like(x) for x in pick(d)], jax.tree.map(jnp.zeros_like, where)))
+        d, offsets = merge(d, d_multi), merge([None] * len(d), where)
     out = layout.unpack(d, dtypes=g_dtypes, offsets=offsets)
     return jax.tree.map(lambda o, u: jnp.where(finite, o, u), out, updates), new
 
