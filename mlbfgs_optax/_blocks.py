@@ -392,14 +392,14 @@ class BlockLayout:
 
         The history is unit-major, ``(U, M, ...)``: a batched matrix-vector
         product over the leading unit axis reads it once, in place (no
-        transpose). A float32 history goes to the library's batched product; a
-        narrower one is upcast inside a fused multiply-reduce (XLA:CPU's
-        low-precision batched products are an order of magnitude slower). With a
-        sharded unit shape, the multiply-reduce, whose result is replicated
-        without asking.
+        transpose). A narrower history is upcast first (XLA:CPU's low-precision
+        batched products are an order of magnitude slower than an upcast copy
+        and a float32 product). With a sharded unit shape, a multiply-reduce,
+        whose result is replicated without asking.
         """
-        if _partitioned(x) is None and h.dtype == jnp.dtype(dtype):
-            return jnp.einsum("um...,u...->um", h, x.astype(dtype), preferred_element_type=dtype)
+        if _partitioned(x) is None:
+            return jnp.einsum("um...,u...->um", h.astype(dtype), x.astype(dtype),
+                              preferred_element_type=dtype)
         return _multiply_reduce(h, x.astype(dtype)[:, None], dtype)
 
     def block_dot_history_many(self, history: list[jax.Array], vs: list[list[jax.Array]],
@@ -412,8 +412,9 @@ class BlockLayout:
         parts = []
         for j, h in enumerate(history):
             v = jnp.stack([vk[j].astype(dtype) for vk in vs], axis=1)  # (U, K, ...)
-            if all(_partitioned(vk[j]) is None for vk in vs) and h.dtype == jnp.dtype(dtype):
-                parts.append(jnp.einsum("um...,uk...->umk", h, v, preferred_element_type=dtype))
+            if all(_partitioned(vk[j]) is None for vk in vs):
+                parts.append(jnp.einsum("um...,uk...->umk", h.astype(dtype), v,
+                                        preferred_element_type=dtype))
                 continue
             parts.append(jnp.stack([_multiply_reduce(h, v[:, k:k + 1], dtype)
                                     for k in range(len(vs))], axis=-1))
@@ -473,21 +474,11 @@ class BlockLayout:
 def _multiply_reduce(h: jax.Array, v: jax.Array, dtype) -> jax.Array:
     """``sum(h * v)`` over all but the two leading axes, in ``dtype``: ``(U, M)``.
 
-    ``h`` is ``(U, M, ...)`` and ``v`` broadcasts against it. The reduction is
-    split into a column reduction over all but a last axis of
-    :data:`_LANES` numbers, which XLA:CPU vectorises, then a short one over
-    the lanes (a single row reduction over a long axis is not vectorised).
+    ``h`` is ``(U, M, ...)`` and ``v`` broadcasts against it: a plain sum,
+    whose partial sums the SPMD partitioner all-reduces where the unit shape
+    is sharded.
     """
-    prod = h.astype(dtype) * v.astype(dtype)
-    n = math.prod(prod.shape[2:])
-    if n % _LANES == 0 and n > _LANES and _partitioned(v) is None:
-        prod = prod.reshape(prod.shape[:2] + (n // _LANES, _LANES))
-        return jnp.sum(jnp.sum(prod, axis=2), axis=-1)
-    return jnp.sum(prod, axis=tuple(range(2, prod.ndim)))
-
-
-#: The lanes of a vectorised reduction (:func:`_multiply_reduce`).
-_LANES = 128
+    return jnp.sum(h.astype(dtype) * v.astype(dtype), axis=tuple(range(2, h.ndim)))
 
 
 jax.tree_util.register_static(BlockLayout)
@@ -536,10 +527,25 @@ def row_length(sizes: list[int]) -> int:
 OWN_BUCKET_SIZE = 1 << 16
 
 
-def _own_row_length(n: int) -> Optional[int]:
-    """The longest of :data:`ROW_LENGTHS` that divides ``n`` (None if none does)."""
+def _own_row_length(shape: tuple[int, ...]) -> Optional[int]:
+    """The row length of a leaf of ``shape`` in a row-packed bucket of its own.
+
+    Its trailing axes (the bucket is the leaf itself for a matrix: every kernel
+    that reads the leaf and writes a result of its shape then works in place,
+    with no relayout) when they hold at least :data:`MIN_OWN_ROW` numbers;
+    else the longest of :data:`ROW_LENGTHS` that divides its size (None if none
+    does).
+    """
+    n = math.prod(shape)
+    trailing = math.prod(shape[1:]) if len(shape) >= 2 else 0
+    if trailing >= MIN_OWN_ROW:
+        return trailing
     fits = [r for r in ROW_LENGTHS if n % r == 0]
     return fits[-1] if fits else None
+
+
+#: The shortest row of a leaf's own bucket made of its trailing axes.
+MIN_OWN_ROW = 64
 
 
 def _member_groups(leaves: list, stacked: list[bool]) -> list[tuple[bool, list[int]]]:
@@ -549,8 +555,8 @@ def _member_groups(leaves: list, stacked: list[bool]) -> list[tuple[bool, list[i
     packing and unpacking it are then reshapes (its own buffer, read in place)
     instead of copies, which at such sizes cost as much as an elementwise pass
     over it (and a fresh buffer per call). A stacked one is ``(1, *shape)``, a
-    row-packed one ``(n / r, r)`` with ``r`` dividing ``n`` (a leaf that no
-    row length divides is packed with the others). The other stacked leaves
+    row-packed one ``(n / r, r)`` (:func:`_own_row_length`; a leaf that no row
+    length divides is packed with the others). The other stacked leaves
     form one bucket per (shape, dtype), the other row-packed leaves one bucket
     per dtype: the program's size is set by the number of large leaves, dtypes
     and shapes, not by the number of small leaves.
@@ -558,7 +564,7 @@ def _member_groups(leaves: list, stacked: list[bool]) -> list[tuple[bool, list[i
     groups: dict[Any, list[int]] = {}
     for i, x in enumerate(leaves):
         n = math.prod(x.shape)
-        own = n >= OWN_BUCKET_SIZE and (stacked[i] or _own_row_length(n) is not None)
+        own = n >= OWN_BUCKET_SIZE and (stacked[i] or _own_row_length(tuple(x.shape)) is not None)
         key = ((tuple(x.shape),) if stacked[i] else ()) + (jnp.dtype(x.dtype),)
         groups.setdefault(key + (("own", i),) if own else key, []).append(i)
     return [(not stacked[members[0]], members) for members in groups.values()]
@@ -578,7 +584,7 @@ def _buckets(leaves: list, groups: list[tuple[bool, list[int]]],
         sizes = [math.prod(leaves[i].shape) for i in members]
         r = row_length(sizes)
         if len(members) == 1 and sizes[0] >= OWN_BUCKET_SIZE:
-            r = _own_row_length(sizes[0]) or r
+            r = _own_row_length(tuple(leaves[members[0]].shape)) or r
         starts, unit_block, rows = [], [], 0
         for i, n in zip(members, sizes):
             starts.append(rows * r)

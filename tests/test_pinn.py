@@ -67,16 +67,8 @@ def test_loss_and_gradient_are_finite():
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
-def test_quick_run_writes_results(tmp_path):
-    result = pinn.main(["--quick", "--out", str(tmp_path), "--problems", "convection",
-                        "--methods", "adam", "adam_lbfgs", "mlbfgs"])
-    for ext in ("json", "md", "png"):
-        assert (tmp_path / f"pinn.{ext}").stat().st_size > 0
-    saved = json.loads((tmp_path / "pinn.json").read_text())
-    methods = saved["problems"]["convection"]["methods"]
-    assert set(methods) == {"adam", "adam_lbfgs", "mlbfgs"}
-    budget = pinn.QUICK.budget
-    for name, r in methods.items():
+def _check_traces(methods, budget):
+    for r in methods.values():
         assert len(r["runs"]) == len(pinn.QUICK.seeds)
         for trace in r["runs"]:
             grads = [row[0] for row in trace]
@@ -84,8 +76,42 @@ def test_quick_run_writes_results(tmp_path):
             assert grads[0] == 0 and grads == sorted(grads) and grads[-1] >= budget
             assert seconds == sorted(seconds)
             assert math.isfinite(trace[-1][3])
-    # the hybrid switches at the tuned point: its trace starts with Adam's evaluations
+
+
+def test_quick_run_writes_results(tmp_path):
+    """The smoke run: tuning, seeds, JSON, table and plot, for Adam and mL-BFGS."""
+    result = pinn.main(["--quick", "--out", str(tmp_path), "--problems", "reaction",
+                        "--methods", "adam", "mlbfgs"])
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"pinn.{ext}").stat().st_size > 0
+    saved = json.loads((tmp_path / "pinn.json").read_text())
+    methods = saved["problems"]["reaction"]["methods"]
+    assert set(methods) == {"adam", "mlbfgs"}
+    _check_traces(methods, pinn.QUICK.budget)
+    assert "reaction" in (tmp_path / "pinn.md").read_text()
+    assert result["problems"]["reaction"]["methods"]["mlbfgs"]["best"] is not None
+
+
+@pytest.mark.slow
+def test_quick_run_lbfgs_and_hybrid(tmp_path):
+    """The smoke run of the L-BFGS methods: line-search evaluations are counted."""
+    pinn.main(["--quick", "--out", str(tmp_path), "--problems", "convection",
+               "--methods", "adam_lbfgs", "lbfgs"])
+    methods = json.loads((tmp_path / "pinn.json").read_text())["problems"]["convection"][
+        "methods"]
+    _check_traces(methods, pinn.QUICK.budget)
     best_lr, switch = methods["adam_lbfgs"]["best"]
     assert switch in pinn.QUICK.switches
-    assert "convection" in (tmp_path / "pinn.md").read_text()
-    assert result["problems"]["convection"]["methods"]["adam"]["best"] is not None
+    # the hybrid's trace starts with Adam's evaluations, one gradient per step
+    trace = methods["adam_lbfgs"]["runs"][0]
+    at = int(switch * pinn.QUICK.budget)
+    assert any(row[0] == at for row in trace)
+
+
+def test_ablation_quick(tmp_path):
+    """One ablation variant in the smoke settings, with its 3-point grid."""
+    result = pinn.main(["--quick", "--ablation", "beta_0.9", "--problems", "reaction",
+                        "--main", str(tmp_path / "missing.json"), "--out", str(tmp_path)])
+    r = result["problems"]["reaction"]["methods"]["beta_0.9"]
+    assert len(r["grid"]) == 2 and len(r["runs"]) == len(pinn.QUICK.seeds)
+    assert (tmp_path / "ablation.md").exists()

@@ -232,9 +232,12 @@ def _dense(x, p):
     return x @ p["kernel"] + _last(p["bias"], x.ndim)
 
 
-def gpt2(seed: int = 0) -> Model:
-    """GPT-2 small's 148-leaf structure at small widths, with a real forward pass."""
-    c = GPT2
+def gpt2(seed: int = 0, **sizes) -> Model:
+    """GPT-2 small's 148-leaf structure at small widths, with a real forward pass.
+
+    ``sizes``: entries of :data:`GPT2` to replace (e.g. ``d_model=256``).
+    """
+    c = {**GPT2, **sizes}
     d, v, t, nl = c["d_model"], c["vocab"], c["context"], c["layers"]
     rng = np.random.default_rng(seed)
 
@@ -302,9 +305,12 @@ def _batch_norm(x, p, eps=1e-5):
             + _last(p["bias"], 4))
 
 
-def resnet50(seed: int = 0) -> Model:
-    """ResNet-50's leaf structure (161 leaves) at base width 8, with a real forward pass."""
-    c = RESNET50
+def resnet50(seed: int = 0, **sizes) -> Model:
+    """ResNet-50's leaf structure (161 leaves) at base width 8, with a real forward pass.
+
+    ``sizes``: entries of :data:`RESNET50` to replace (e.g. ``base=16``).
+    """
+    c = {**RESNET50, **sizes}
     base = c["base"]
     rng = np.random.default_rng(seed)
 
