@@ -42,8 +42,8 @@ DEFAULT_OUT = os.path.join("examples", "figures", "pinn_convection.png")
 TUNED = {
     "convection": {"adam": -1.5, "adam_lbfgs": (-1.5, 0.3), "mlbfgs": -2.5},
     "reaction": {"adam": -2.5, "adam_lbfgs": (-2.0, 0.1), "mlbfgs": -1.5},
-    "wave": {"adam": -2.5, "adam_lbfgs": (-2.5, 0.3), "mlbfgs": -2.5},
-    "poisson": {"adam": -2.5, "adam_lbfgs": (-2.5, 0.3), "mlbfgs": -2.5},
+    "wave": {"adam": -3.0, "adam_lbfgs": (-3.5, 0.1), "mlbfgs": -3.0},
+    "poisson": {"adam": -3.0, "adam_lbfgs": (-3.0, 0.1), "mlbfgs": -2.5},
 }
 
 

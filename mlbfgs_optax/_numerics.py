@@ -35,7 +35,7 @@ def safe_div(num: jax.Array, den: jax.Array, default: float = 0.0) -> jax.Array:
 
 
 def all_finite(xs: list[jax.Array]) -> jax.Array:
-    """Whether every element of every array in ``xs`` is finite (a boolean scalar).
+    r"""Whether every element of every array in ``xs`` is finite (a boolean scalar).
 
     Taken as whether :math:`\sum_i 0 \cdot x_i` is 0 rather than NaN
     (:math:`0 \cdot \pm\infty` and :math:`0 \cdot {\rm NaN}` are NaN, which every sum

@@ -386,3 +386,25 @@ def test_holdout_tasks_build_and_steps_to_target():
     s = after["summary"]
     assert (s["sgd"]["steps_to_target"], s["sgd"]["reached"]) == (20.0, 2)
     assert (s["mlbfgs_default"]["steps_to_target"], s["mlbfgs_default"]["reached"]) == (None, 0)
+
+
+def test_update_cost_quick_run(tmp_path):
+    """The update-cost benchmark's quick mode runs and writes its tables (no timing checked)."""
+    from examples.benchmarks import update_cost
+    result = update_cost.main(["--quick", "--calls", "10", "--out", str(tmp_path)])
+    names = {r["name"] for r in result["rows"]}
+    assert {"adam", "optax.scale_by_lbfgs(10)", "mlbfgs", "paper T=1"} <= names
+    for r in result["rows"]:
+        assert r["compile_s"] > 0 and r["ordinary_ms"] > 0 and r["floor_ms"] > 0
+    mlbfgs = next(r for r in result["rows"] if r["name"] == "mlbfgs")
+    assert mlbfgs["pair_ms"] is not None and mlbfgs["words_per_param"] == 4 * 10 / 1 + 9
+    md = (tmp_path / "update_cost.md").read_text()
+    assert "## Targets" in md and "pair step / ordinary step" in md
+
+
+@pytest.mark.slow  # about 2 min: 8 fake devices in a subprocess
+def test_update_cost_placements_quick_run(tmp_path):
+    from examples.benchmarks import update_cost
+    result = update_cost.main(["--quick", "--placements", "--rounds", "1", "--calls", "10",
+                               "--out", str(tmp_path)])
+    assert {"mlbfgs FSDP", "mlbfgs ZeRO", "adam FSDP"} <= {r["name"] for r in result["rows"]}
