@@ -115,3 +115,15 @@ def test_ablation_quick(tmp_path):
     r = result["problems"]["reaction"]["methods"]["beta_0.9"]
     assert len(r["grid"]) == 2 and len(r["runs"]) == len(pinn.QUICK.seeds)
     assert (tmp_path / "ablation.md").exists()
+
+
+def test_pinn_train_quick(tmp_path):
+    """examples/pinn_train.py: the three recipes and the figure, at the smoke sizes."""
+    from examples import pinn_train
+
+    out = tmp_path / "pinn.png"
+    result = pinn_train.main(["--quick", "--out", str(out)])
+    assert out.stat().st_size > 0
+    assert set(result["runs"]) == {"Adam", "Adam -> L-BFGS", "mL-BFGS"}
+    for run in result["runs"].values():
+        assert run["trace"][-1][0] >= pinn.QUICK.budget

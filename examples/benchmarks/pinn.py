@@ -43,6 +43,9 @@ Run::
     python -m examples.benchmarks.pinn --quick --out /tmp/p # smoke run (seconds)
     python -m examples.benchmarks.pinn --problems convection --methods adam mlbfgs
     python -m examples.benchmarks.pinn --report DIR/pinn.json   # re-render table and plot
+    python -m examples.benchmarks.pinn --ablation --problems convection reaction
+        # one change at a time against mlbfgs(lr) (ABLATION), each on a 3-point grid around
+        # the defaults' best lr of results/pinn/pinn.json (--main), 3 seeds: ablation.md
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -541,9 +544,9 @@ class Runner:
         key = (lr, seed)
         if key not in self._prefix or at not in self._prefix[key]["snapshots"]:
             adam = all_methods()["adam"]
-            self._prefix[key] = self.run_first(
-                adam, lr, seed, snapshots=tuple(int(round(w * self.s.budget / self.chunk))
-                                                * self.chunk for w in self.s.switches))
+            points = {int(round(w * self.s.budget / self.chunk)) * self.chunk
+                      for w in self.s.switches} | {at}
+            self._prefix[key] = self.run_first(adam, lr, seed, snapshots=tuple(points))
         pre = self._prefix[key]
         params, seconds = pre["snapshots"][at]
         head = [r for r in pre["trace"] if r[0] <= at]
@@ -857,28 +860,32 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     probs = list(result["problems"])
-    fig, axes = plt.subplots(2, len(probs), figsize=(4.2 * len(probs), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(probs), figsize=(4.2 * len(probs), 7.8), squeeze=False)
+    bases = list(dict.fromkeys(m.removesuffix("_mb") for m in METHODS))
+    colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}
+    labels = {}
     for j, pname in enumerate(probs):
         ms = result["problems"][pname]["methods"]
         for m, r in ms.items():
             style = "--" if m.endswith("_mb") else "-"
+            color = colors.get(m.removesuffix("_mb"), "black")
             for i, col in enumerate((0, 1)):
                 top = max(t[-1][col] for t in r["runs"])
                 grid = np.linspace(0, top, 200)
-                with np.errstate(all="ignore"):
-                    import warnings
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", RuntimeWarning)
-                        y = _median_curve(r["runs"], col, grid)
-                axes[i, j].plot(grid, y, style, label=m, lw=1.3)
+                with warnings.catch_warnings():  # all-nan columns: a diverged majority
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    y = _median_curve(r["runs"], col, grid)
+                (line,) = axes[i, j].plot(grid, y, style, color=color, lw=1.3)
+                labels.setdefault(m, line)
         axes[0, j].set(title=pname, xlabel="gradient evaluations", yscale="log")
         axes[1, j].set(xlabel="seconds (one CPU core)", yscale="log")
         axes[0, j].set_ylabel("relative L2 error (median of seeds)")
         axes[1, j].set_ylabel("relative L2 error (median of seeds)")
         for ax in axes[:, j]:
             ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    fig.legend(list(labels.values()), list(labels), loc="lower center", ncol=6, fontsize=8,
+               title="dashed: mini-batch (resampled collocation points)", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
