@@ -345,8 +345,12 @@ class BlockLayout:
         one block.
         """
         ub = self.buckets[j].unit_block
-        if len(ub) > 1 and len(set(ub)) == 1:
-            return c[ub[0]]
+        if ub and len(set(ub)) == 1 and c.shape[0] > 1:
+            # One block: read at an index XLA cannot fold into the kernels, so that the
+            # kernels of the buckets of one shape (large leaves, one bucket each) are
+            # the same kernels, which XLA compiles once, not once per bucket.
+            v = jax.lax.dynamic_index_in_dim(c, _opaque_index(ub[0]), keepdims=False)
+            return v if len(ub) > 1 else v[None]
         if ub and ub == tuple(range(ub[0], ub[0] + len(ub))):
             return c if len(ub) == c.shape[0] else c[ub[0] : ub[0] + len(ub)]
         # Materialised once (the barrier): fused into an elementwise pass over the
@@ -484,6 +488,11 @@ def _multiply_reduce(h: jax.Array, v: jax.Array, dtype) -> jax.Array:
 jax.tree_util.register_static(BlockLayout)
 
 
+def _opaque_index(i: int) -> jax.Array:
+    """``i`` as an int32 scalar that XLA cannot constant-fold (behind an optimization barrier)."""
+    return jax.lax.optimization_barrier(jnp.asarray(i, jnp.int32))
+
+
 def _reduce_units(xs: list[jax.Array], op: str) -> jax.Array:
     """``op`` (``"sum"`` or ``"max"``) of each of the same-shaped ``(U, ...)`` arrays ``xs``
     over all but the unit axis: ``(U, K)``.
@@ -523,8 +532,10 @@ def row_length(sizes: list[int]) -> int:
     return best
 
 
-#: Leaves of at least this many numbers are a bucket of their own (:func:`_member_groups`).
+#: Leaves of at least this many numbers may be a bucket of their own (:func:`_member_groups`).
 OWN_BUCKET_SIZE = 1 << 16
+#: At most this many leaves (the largest) are buckets of their own.
+MAX_OWN_BUCKETS = 8
 
 
 def _own_row_length(shape: tuple[int, ...]) -> Optional[int]:
@@ -551,22 +562,27 @@ MIN_OWN_ROW = 64
 def _member_groups(leaves: list, stacked: list[bool]) -> list[tuple[bool, list[int]]]:
     """The leaves of every bucket, ``(row_packed, members)``, in order of first leaf.
 
-    A leaf of at least :data:`OWN_BUCKET_SIZE` numbers is a bucket of its own:
-    packing and unpacking it are then reshapes (its own buffer, read in place)
-    instead of copies, which at such sizes cost as much as an elementwise pass
-    over it (and a fresh buffer per call). A stacked one is ``(1, *shape)``, a
+    The :data:`MAX_OWN_BUCKETS` largest leaves of at least
+    :data:`OWN_BUCKET_SIZE` numbers are buckets of their own: packing and
+    unpacking them are then reshapes (their own buffers, read in place) instead
+    of copies, which at such sizes cost as much as an elementwise pass over them
+    (and a fresh buffer per call). A stacked one is ``(1, *shape)``, a
     row-packed one ``(n / r, r)`` (:func:`_own_row_length`; a leaf that no row
-    length divides is packed with the others). The other stacked leaves
+    length divides is packed with the others). Every bucket adds its own
+    kernels to the compiled step (about 1 s of XLA:CPU compile time each), hence
+    the bound. The other stacked leaves
     form one bucket per (shape, dtype), the other row-packed leaves one bucket
     per dtype: the program's size is set by the number of large leaves, dtypes
     and shapes, not by the number of small leaves.
     """
+    sizes = [math.prod(x.shape) for x in leaves]
+    candidates = [i for i, x in enumerate(leaves) if sizes[i] >= OWN_BUCKET_SIZE
+                  and (stacked[i] or _own_row_length(tuple(x.shape)) is not None)]
+    own = set(sorted(candidates, key=lambda i: -sizes[i])[:MAX_OWN_BUCKETS])
     groups: dict[Any, list[int]] = {}
     for i, x in enumerate(leaves):
-        n = math.prod(x.shape)
-        own = n >= OWN_BUCKET_SIZE and (stacked[i] or _own_row_length(tuple(x.shape)) is not None)
         key = ((tuple(x.shape),) if stacked[i] else ()) + (jnp.dtype(x.dtype),)
-        groups.setdefault(key + (("own", i),) if own else key, []).append(i)
+        groups.setdefault(key + (("own", i),) if i in own else key, []).append(i)
     return [(not stacked[members[0]], members) for members in groups.values()]
 
 

@@ -318,12 +318,11 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     # Finite on the packed updates: one reduction per bucket (XLA reads the leaves
     # in place), not one per leaf. An update that the packing's cast overflows
     # counts as not finite. The buckets that stack several leaves are then made
-    # once, as the operands of a loop of zero or one trip, instead of copied into
-    # every kernel that reads them; a step that is not finite passes its updates
-    # through and leaves the state as it was, so zeros serve it. The loop also
-    # hands back ``finite`` as a buffer of its own, so that no later kernel
-    # recomputes it. A bucket of one leaf is that leaf reshaped: it is read in
-    # place, and the loop would only copy it.
+    # once, behind an optimization barrier, instead of copied into every kernel
+    # that reads them; the barrier also hands back ``finite`` as a buffer of its
+    # own, so that no later kernel recomputes it. (A loop of zero or one trip did
+    # the same at the price of a buffer of zeros and a copy per packed array.) A
+    # bucket of one leaf is that leaf reshaped: it is read in place.
     multi = [len(b.leaves) > 1 for b in layout.buckets]
     pick = lambda xs: [x for x, m in zip(xs, multi) if m]
 
@@ -334,9 +333,8 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     g, theta = layout.pack(updates), layout.pack(params)
     finite = _numerics.all_finite(g)
     if any(multi):
-        packed = (pick(g), pick(theta), jnp.asarray(True))
-        g_multi, theta_multi, finite = _numerics.at_most_once(
-            finite, lambda _: packed, jax.tree.map(jnp.zeros_like, packed))
+        g_multi, theta_multi, finite = jax.lax.optimization_barrier(
+            (pick(g), pick(theta), finite))
         g, theta = merge(g, g_multi), merge(theta, theta_multi)
     hvp = None if grad_fn is None else hessian_vector(layout, grad_fn, params)
     step = functools.partial(local_step, opts, h, hvp=hvp)
@@ -347,13 +345,16 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     # into. The loop also hands back every leaf's offset in its bucket, which XLA
     # then cannot fold into a constant: the kernels that read the leaves of one
     # shape are one kernel, compiled once, instead of one per leaf. Where the step
-    # is not finite, the updates pass through as they came (offsets 0 serve it).
+    # is not finite, the updates pass through as they came (offsets 0 serve them).
     offsets = None
     if any(multi):
         where = pick([[jnp.int32(o) for o in offs] for offs in layout.leaf_offsets()])
+        # The loop starts from the packed updates (dead by then, so XLA writes the
+        # direction into their buffer) rather than from a fresh array of zeros.
+        init = [x if (x.shape, x.dtype) == (y.shape, y.dtype) else jnp.zeros_like(y)
+                for x, y in zip(pick(g), pick(d))]
         d_multi, where = _numerics.at_most_once(
-            finite, lambda _: (pick(d), where),
-            ([jnp.zeros_like(x) for x in pick(d)], jax.tree.map(jnp.zeros_like, where)))
+            finite, lambda _: (pick(d), where), (init, jax.tree.map(jnp.zeros_like, where)))
         d, offsets = merge(d, d_multi), merge([None] * len(d), where)
     out = layout.unpack(d, dtypes=g_dtypes, offsets=offsets)
     return jax.tree.map(lambda o, u: jnp.where(finite, o, u), out, updates), new
