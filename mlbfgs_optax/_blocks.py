@@ -538,52 +538,29 @@ OWN_BUCKET_SIZE = 1 << 16
 MAX_OWN_BUCKETS = 8
 
 
-def _own_row_length(shape: tuple[int, ...]) -> Optional[int]:
-    """The row length of a leaf of ``shape`` in a row-packed bucket of its own.
-
-    Its trailing axes (the bucket is the leaf itself for a matrix: every kernel
-    that reads the leaf and writes a result of its shape then works in place,
-    with no relayout) when they hold at least :data:`MIN_OWN_ROW` numbers;
-    else the longest of :data:`ROW_LENGTHS` that divides its size (None if none
-    does).
-    """
-    n = math.prod(shape)
-    trailing = math.prod(shape[1:]) if len(shape) >= 2 else 0
-    if trailing >= MIN_OWN_ROW:
-        return trailing
-    fits = [r for r in ROW_LENGTHS if n % r == 0]
-    return fits[-1] if fits else None
-
-
-#: The shortest row of a leaf's own bucket made of its trailing axes.
-MIN_OWN_ROW = 64
-
-
 def _member_groups(leaves: list, stacked: list[bool]) -> list[tuple[bool, list[int]]]:
     """The leaves of every bucket, ``(row_packed, members)``, in order of first leaf.
 
     The :data:`MAX_OWN_BUCKETS` largest leaves of at least
-    :data:`OWN_BUCKET_SIZE` numbers are buckets of their own: packing and
-    unpacking them are then reshapes (their own buffers, read in place) instead
-    of copies, which at such sizes cost as much as an elementwise pass over them
-    (and a fresh buffer per call). A stacked one is ``(1, *shape)``, a
-    row-packed one ``(n / r, r)`` (:func:`_own_row_length`; a leaf that no row
-    length divides is packed with the others). Every bucket adds its own
-    kernels to the compiled step (about 1 s of XLA:CPU compile time each), hence
-    the bound. The other stacked leaves
+    :data:`OWN_BUCKET_SIZE` numbers are buckets of their own, ``(1, *shape)``
+    (a stacked bucket of one leaf, sharded like it): packing and unpacking them
+    are reshapes (their own buffers, read in place) instead of copies, which at
+    such sizes cost as much as an elementwise pass over them (and a fresh buffer
+    per call), and as one unit their history products are one matrix-vector
+    product each. Every bucket adds its own kernels to the compiled step (about
+    1 s of XLA:CPU compile time each), hence the bound. The other stacked leaves
     form one bucket per (shape, dtype), the other row-packed leaves one bucket
     per dtype: the program's size is set by the number of large leaves, dtypes
     and shapes, not by the number of small leaves.
     """
     sizes = [math.prod(x.shape) for x in leaves]
-    candidates = [i for i, x in enumerate(leaves) if sizes[i] >= OWN_BUCKET_SIZE
-                  and (stacked[i] or _own_row_length(tuple(x.shape)) is not None)]
+    candidates = [i for i in range(len(leaves)) if sizes[i] >= OWN_BUCKET_SIZE]
     own = set(sorted(candidates, key=lambda i: -sizes[i])[:MAX_OWN_BUCKETS])
     groups: dict[Any, list[int]] = {}
     for i, x in enumerate(leaves):
         key = ((tuple(x.shape),) if stacked[i] else ()) + (jnp.dtype(x.dtype),)
         groups.setdefault(key + (("own", i),) if i in own else key, []).append(i)
-    return [(not stacked[members[0]], members) for members in groups.values()]
+    return [(not (stacked[m[0]] or m[0] in own), m) for m in groups.values()]
 
 
 def _buckets(leaves: list, groups: list[tuple[bool, list[int]]],
@@ -599,8 +576,6 @@ def _buckets(leaves: list, groups: list[tuple[bool, list[int]]],
             continue
         sizes = [math.prod(leaves[i].shape) for i in members]
         r = row_length(sizes)
-        if len(members) == 1 and sizes[0] >= OWN_BUCKET_SIZE:
-            r = _own_row_length(tuple(leaves[members[0]].shape)) or r
         starts, unit_block, rows = [], [], 0
         for i, n in zip(members, sizes):
             starts.append(rows * r)

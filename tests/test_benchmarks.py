@@ -393,7 +393,7 @@ def test_update_cost_quick_run(tmp_path):
     from examples.benchmarks import update_cost
     result = update_cost.main(["--quick", "--calls", "10", "--out", str(tmp_path)])
     names = {r["name"] for r in result["rows"]}
-    assert {"adam", "optax.scale_by_lbfgs(10)", "mlbfgs", "paper T=1"} <= names
+    assert {"adam", "mlbfgs"} <= names
     for r in result["rows"]:
         assert r["compile_s"] > 0 and r["ordinary_ms"] > 0 and r["floor_ms"] > 0
     mlbfgs = next(r for r in result["rows"] if r["name"] == "mlbfgs")
@@ -408,3 +408,5 @@ def test_update_cost_placements_quick_run(tmp_path):
     result = update_cost.main(["--quick", "--placements", "--rounds", "1", "--calls", "10",
                                "--out", str(tmp_path)])
     assert {"mlbfgs FSDP", "mlbfgs ZeRO", "adam FSDP"} <= {r["name"] for r in result["rows"]}
+    md = update_cost.markdown(result)
+    assert "mlbfgs ZeRO" in md

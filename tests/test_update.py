@@ -105,7 +105,8 @@ def _compiled_update(tx, params):
     return update.lower(grads, state, params).compile(), state
 
 
-@pytest.mark.parametrize("packing", ["auto", "stacked"])
+# packing="stacked" (the sharded leaves' packing) in the slow tier: the same check.
+@pytest.mark.parametrize("packing", ["auto", pytest.param("stacked", marks=pytest.mark.slow)])
 def test_compiled_step_moves_no_history_sized_copy(packing):
     """No instruction of the compiled update (ordinary and pair step: one program) makes a
     history-sized array other than the in-place write of a pair (no transpose, copy,
