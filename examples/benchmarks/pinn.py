@@ -794,13 +794,17 @@ def markdown(result: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for m, r in pres["methods"].items():
             row = sm["rows"][m]
-            lines.append(
-                f"| {r['label']} | {_setting(r)} | {_fmt(row['err'])} [{_fmt(row['err_min'])}, "
-                f"{_fmt(row['err_max'])}] | {_fmt(row['loss'])} | "
-                f"{_fmt(row.get('grads_to_ref'), '.0f')} | "
-                f"{_fmt(row.get('seconds_to_ref'), '.2f')} | {_fmt(row['seconds'], '.2f')} |")
+            lines.append(f"| {r['label']} | {_setting(r)} | {_cells(row)} | "
+                         f"{_fmt(row['seconds'], '.2f')} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _cells(row: dict) -> str:
+    """Error [min, max], loss, gradients and seconds to Adam -> L-BFGS's error: table cells."""
+    return (f"{_fmt(row['err'])} [{_fmt(row['err_min'])}, {_fmt(row['err_max'])}] | "
+            f"{_fmt(row['loss'])} | {_fmt(row.get('grads_to_ref'), '.0f')} | "
+            f"{_fmt(row.get('seconds_to_ref'), '.2f')}")
 
 
 def ablation_markdown(result: dict, main_result: dict | None) -> str:
@@ -826,17 +830,9 @@ def ablation_markdown(result: dict, main_result: dict | None) -> str:
         for ref_name in ("adam", "adam_lbfgs"):
             row = base.get(pname, {}).get(ref_name)
             if row:
-                lines.append(f"| ({ref_name}, from the benchmark) | | {_fmt(row['err'])} "
-                             f"[{_fmt(row['err_min'])}, {_fmt(row['err_max'])}] | "
-                             f"{_fmt(row['loss'])} | {_fmt(row.get('grads_to_ref'), '.0f')} | "
-                             f"{_fmt(row.get('seconds_to_ref'), '.2f')} |")
+                lines.append(f"| ({ref_name}, from the benchmark) | | {_cells(row)} |")
         for m, r in pres["methods"].items():
-            row = sm["rows"][m]
-            lines.append(
-                f"| {m}: {r['label']} | {_setting(r)} | {_fmt(row['err'])} "
-                f"[{_fmt(row['err_min'])}, {_fmt(row['err_max'])}] | {_fmt(row['loss'])} | "
-                f"{_fmt(row.get('grads_to_ref'), '.0f')} | "
-                f"{_fmt(row.get('seconds_to_ref'), '.2f')} |")
+            lines.append(f"| {m}: {r['label']} | {_setting(r)} | {_cells(sm['rows'][m])} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
