@@ -16,10 +16,11 @@ class ScaleByMLBFGSState(NamedTuple):
 
     Parameter-shaped fields are *packed* by the block layout (``layout``): a
     list with one array per bucket of :class:`~mlbfgs_optax.BlockLayout`
-    (for ``"leaf"``, ``"all"`` and label blocks, by default every leaf of one
-    dtype raveled into one ``(rows, row_length)`` array, and the leaves that a
-    mesh axis splits stacked by shape, ``(k, *shape)``, with their sharding:
-    the ``packing`` argument; :class:`~mlbfgs_optax.EqualSlices` gives one
+    (for ``"leaf"``, ``"all"`` and label blocks, by default the 8 largest
+    leaves of 65,536 or more numbers each in a ``(1, *shape)`` array of its own,
+    every other leaf of one dtype raveled into one ``(rows, row_length)`` array,
+    and the leaves that a mesh axis splits stacked by shape, ``(k, *shape)``,
+    with their sharding: the ``packing`` argument; :class:`~mlbfgs_optax.EqualSlices` gives one
     ``(num_blocks, block_size)`` array). ``state.unpacked(name)`` turns such a field back into a
     params-shaped pytree (with a leading memory axis for a
     history). ``B`` is the number of blocks and ``M`` the memory size.
