@@ -21,6 +21,8 @@ parameter leaves or blocks:
   ``(rows, row_length)``; a unit is a row, and every row lies in one leaf, so
   in one block. A model has one bucket per dtype, however many leaves and
   shapes it has;
+* the largest leaves (:data:`MAX_OWN_BUCKETS` of at least :data:`OWN_BUCKET_SIZE`
+  numbers) are buckets of their own, ``(1, *shape)``: packing them is a reshape;
 * a *stacked* bucket holds the leaves of one shape and dtype, ``(k, *shape)``,
   one unit per leaf, sharded like them (``P(None, *spec)``) under every kind
   of mesh axis, so that nothing is resharded: the leaves that a mesh axis
@@ -192,8 +194,7 @@ class BlockLayout:
                 out.append(jnp.stack([leaves[i].astype(b.dtype) for i in b.leaves], axis=lead))
                 continue
             front = tuple(leaves[b.leaves[0]].shape[:lead])
-            if len(b.leaves) == 1 and math.prod(b.shape) == math.prod(self.shapes[b.leaves[0]]):
-                # A bucket of one leaf without padding: a reshape, no copy.
+            if self._is_reshape(b):  # no copy
                 out.append(leaves[b.leaves[0]].astype(b.dtype).reshape(front + b.shape))
                 continue
             parts, pos = [], 0
@@ -231,9 +232,7 @@ class BlockLayout:
         for j, (b, x) in enumerate(zip(self.buckets, packed)):
             front = tuple(x.shape[:lead])
             offs = None if offsets is None else offsets[j]
-            if len(b.leaves) == 1 and b.starts in (None, (0,)) and (
-                    b.starts is None or math.prod(b.shape) == math.prod(self.shapes[b.leaves[0]])):
-                # A bucket of one leaf without padding: a reshape.
+            if self._is_reshape(b):
                 i = b.leaves[0]
                 leaves[i] = _cast(x.reshape(front + self.shapes[i]), dtypes[i])
                 continue
@@ -262,6 +261,10 @@ class BlockLayout:
             for i, part in zip(b.leaves, parts):
                 leaves[i] = _cast(part.reshape(front + self.shapes[i]), dtypes[i])
         return self.treedef.unflatten(leaves)
+
+    def _is_reshape(self, b: Bucket) -> bool:
+        """Whether bucket ``b`` is one leaf without padding: packing it is a reshape."""
+        return len(b.leaves) == 1 and math.prod(b.shape) == math.prod(self.shapes[b.leaves[0]])
 
     def leaf_offsets(self) -> list[list[int]]:
         """Where every leaf sits in its bucket: its unit (stacked) or its start (flat)."""

@@ -33,6 +33,7 @@ Writes ``update_cost.{json,md}`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -135,9 +136,7 @@ def _place(params, placement: Optional[str], mesh):
 def build(case: dict, params, mesh=None) -> dict:
     """A timer for ``case`` on ``params``, with its compile time and temporaries."""
     placed = _place(params, case.get("placement"), mesh)
-    ctx = jax.set_mesh(mesh) if mesh is not None else _Null()
-    with ctx:
-        timer = StepTimer.__new__(StepTimer)
+    with _on(mesh):
         tx = case["tx"]()
         # The compile time of the update alone, on this process's first compile of it.
         probe = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(0, 1))
@@ -147,22 +146,23 @@ def build(case: dict, params, mesh=None) -> dict:
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         del compiled, state
-        timer.__init__(tx, placed, case["period"])
+        timer = StepTimer(tx, placed, case["period"])
     n = sum(x.size for x in jax.tree.leaves(params))
     return {"timer": timer, "compile_s": compile_s,
             "temp_vectors": (mem.temp_size_in_bytes / (4 * n)) if mem is not None else None}
 
 
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def _on(mesh):
+    """``jax.set_mesh(mesh)``, or no context without a mesh."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
-def run_cases(specs: list[dict], trees: dict, rounds: int, calls: int, mesh=None) -> list[dict]:
-    """Builds every (pytree, case) timer, times them in interleaved rounds, returns rows."""
+def run_cases(specs: list[dict], trees: dict, rounds: int, calls: int, mesh=None) -> tuple:
+    """Builds every (pytree, case) timer, times them in interleaved rounds.
+
+    Returns:
+      ``(rows, best bandwidth, every round's bandwidth)``.
+    """
     built = []
     for tree_name, (params, _) in trees.items():
         for c in specs:
@@ -174,8 +174,7 @@ def run_cases(specs: list[dict], trees: dict, rounds: int, calls: int, mesh=None
     for r in range(rounds):
         bandwidth.append(harness.measure_bandwidth())
         for _, c, b in built:
-            ctx = jax.set_mesh(mesh) if mesh is not None else _Null()
-            with ctx:
+            with _on(mesh):
                 b["timer"].round(calls)
         print(f"round {r + 1}/{rounds} done", flush=True)
     bw = max(bandwidth)
