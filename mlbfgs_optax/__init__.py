@@ -12,6 +12,8 @@ from mlbfgs_optax._diagnostics import find_mlbfgs_state as find_mlbfgs_state
 from mlbfgs_optax._damping import damping_weight as damping_weight
 from mlbfgs_optax._damping import yy_bound_weight as yy_bound_weight
 from mlbfgs_optax._distributed import state_partition_specs as state_partition_specs
+from mlbfgs_optax._memory import state_bytes_per_param as state_bytes_per_param
+from mlbfgs_optax._memory import state_nbytes as state_nbytes
 from mlbfgs_optax._state import ScaleByMLBFGSState as ScaleByMLBFGSState
 from mlbfgs_optax._mlbfgs import mlbfgs as mlbfgs
 from mlbfgs_optax._mlbfgs import scale_by_mlbfgs as scale_by_mlbfgs
@@ -33,6 +35,8 @@ __all__ = (
     "mlbfgs",
     "paper_defaults",
     "scale_by_mlbfgs",
+    "state_bytes_per_param",
+    "state_nbytes",
     "state_partition_specs",
     "two_loop_recursion",
     "yy_bound_weight",

@@ -20,13 +20,16 @@ from mlbfgs_optax import _mlbfgs
 
 #: The keyword arguments of :func:`~mlbfgs_optax.scale_by_mlbfgs` that switch
 #: every extension of the library off, so that
-#: ``scale_by_mlbfgs(**paper_defaults, memory_size=..., update_period=..., ...)``
+#: ``scale_by_mlbfgs(**paper_defaults, update_period=..., ...)``
 #: is the spec's algorithm: :math:`H_0 = \gamma I`, pairs in parameter units,
 #: no bias correction, no step bound, no round-off rejection, no pair warm-up, damping of the
 #: curvature along :math:`s` only; :math:`\sigma_L, \sigma_H = 0.5, 1.5` (the
-#: library's earlier defaults for this algorithm; the authors use 0.01, 1.5).
-#: A read-only mapping.
+#: library's earlier defaults for this algorithm; the authors use 0.01, 1.5); the paper's
+#: history of :math:`M = 10` pairs (the library's default is shorter). A read-only
+#: mapping: to change one of its values, merge, e.g.
+#: ``scale_by_mlbfgs(**{**paper_defaults, "memory_size": 5})``.
 paper_defaults = types.MappingProxyType({
+    "memory_size": 10,
     "metric": "identity",
     "step_bound": None,
     "roundoff_rejection": None,

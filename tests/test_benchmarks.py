@@ -400,6 +400,12 @@ def test_update_cost_quick_run(tmp_path):
     assert mlbfgs["pair_ms"] is not None and mlbfgs["words_per_param"] == 4 * 10 / 1 + 9
     md = (tmp_path / "update_cost.md").read_text()
     assert "## Targets" in md and "pair step / ordinary step" in md
+    m = update_cost.DEFAULT_MEMORY
+    if m != update_cost.MEMORY:  # the library's defaults against M = 10
+        defaults = next(r for r in result["rows"] if r["name"] == update_cost.DEFAULTS_CASE)
+        assert defaults["words_per_param"] == 4 * m + 9
+        assert defaults["state_bytes_per_param"] < mlbfgs["state_bytes_per_param"]
+        assert f"defaults (M = {m}) / M = 10 (ordinary step)" in md
 
 
 @pytest.mark.slow  # about 2 min: 8 fake devices in a subprocess

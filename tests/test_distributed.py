@@ -262,7 +262,7 @@ def test_partition_specs_of_single_leaf_list_params_are_replicated():
     """Regression: blocks='leaf' with params=[w] once sharded rho, and device_put failed."""
     mesh = jax.make_mesh((N_DEV,), ("data",))
     params = [jnp.ones((N_DEV, 5))]
-    opt = mlbfgs_optax.mlbfgs(0.1, axis_name="data")
+    opt = mlbfgs_optax.mlbfgs(0.1, memory_size=10, axis_name="data")
     state = opt.init(params)
     specs = mlbfgs_optax.state_partition_specs(state, "data")
     assert all(s == P() for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))

@@ -135,8 +135,9 @@ def test_row_and_stacked_packings_give_the_same_steps():
 def test_label_blocks_and_callable_labels_agree():
     params = {"enc": {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}, "dec": {"w": jnp.ones(3)}}
     labels = {"enc": {"w": "enc", "b": "enc"}, "dec": {"w": "dec"}}
-    by_tree = mlbfgs_optax.scale_by_mlbfgs(blocks=labels)
+    by_tree = mlbfgs_optax.scale_by_mlbfgs(memory_size=10, blocks=labels)
     by_fn = mlbfgs_optax.scale_by_mlbfgs(
+        memory_size=10,
         blocks=lambda p: jax.tree_util.tree_map_with_path(lambda path, _: path[0].key, p))
     s1, s2 = by_tree.init(params), by_fn.init(params)
     assert s1.rho.shape == s2.rho.shape == (2, 10)
@@ -157,7 +158,8 @@ def test_equal_slices_converge_like_leaf_blocks():
     results = {}
     for name, blocks in [("slices1", mlbfgs_optax.EqualSlices(1)), ("all", "all"),
                          ("slices4", mlbfgs_optax.EqualSlices(4))]:
-        opt = mlbfgs_optax.mlbfgs(0.1, update_period=2, beta=0.5, blocks=blocks)
+        opt = mlbfgs_optax.mlbfgs(0.1, memory_size=10, update_period=2, beta=0.5,
+                                  blocks=blocks)
         p, s = params, opt.init(params)
         step = jax.jit(lambda p, s: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
             opt.update(jax.grad(loss)(p), s, p)))
@@ -200,7 +202,7 @@ def test_stored_pairs_respect_damping_bounds():
 
 
 def test_guard_skips_frozen_block_and_damping_off_keeps_guard():
-    tx = mlbfgs_optax.scale_by_mlbfgs(update_period=1, beta=0.0, **NO_DAMPING)
+    tx = mlbfgs_optax.scale_by_mlbfgs(memory_size=10, update_period=1, beta=0.0, **NO_DAMPING)
     params = {"moving": jnp.ones(3), "frozen": jnp.ones(2)}
     state = tx.init(params)
     for t in range(6):
@@ -349,7 +351,9 @@ def test_state_size_bound():
 
 def _run_linesearch(f, x0, steps):
     tx = optax.chain(
-        mlbfgs_optax.scale_by_mlbfgs(update_period=1, beta=0.0, blocks="all", **NO_DAMPING),
+        # Deterministic L-BFGS wants the long history (the default is 2 pairs).
+        mlbfgs_optax.scale_by_mlbfgs(memory_size=10, update_period=1, beta=0.0, blocks="all",
+                                     **NO_DAMPING),
         optax.scale(-1.0),
         optax.scale_by_zoom_linesearch(max_linesearch_steps=30, initial_guess_strategy="one"))
     value_and_grad = optax.value_and_grad_from_state(f)
@@ -479,7 +483,7 @@ def test_hessian_vector_pairs_are_exact_under_gradient_noise():
     a = jnp.asarray(q @ q.T + np.eye(5), jnp.float32)
     lam = 1e-2
     f = lambda p: 0.5 * p["w"] @ a @ p["w"] + jnp.sum(p["w"])
-    tx = mlbfgs_optax.mlbfgs(0.05, update_period=2, beta=0.5,
+    tx = mlbfgs_optax.mlbfgs(0.05, memory_size=10, update_period=2, beta=0.5,
                              weight_decay=lam, curvature="hessian_vector", **NO_DAMPING)
     p = {"w": jnp.ones(5)}
     state = tx.init(p)

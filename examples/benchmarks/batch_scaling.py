@@ -392,7 +392,8 @@ def initial_grid(opt: str, previous_best: float | None) -> list[float]:
     """The grid at a batch size: the middle of the optimizer's grid at the smallest batch,
     else one point below and two above the previous batch's best."""
     if previous_best is None:
-        g = SPEC_BY_NAME[opt].grid
+        spec = SPEC_BY_NAME[opt]  # an ablation is tuned on its base optimizer's grid
+        g = spec.grid or SPEC_BY_NAME[spec.ablation_of].grid
         start = (len(g) - GRID_POINTS) // 2
         return list(g[start:start + GRID_POINTS])
     return [_half_decade(previous_best, k) for k in range(-1, GRID_POINTS - 1)]
@@ -769,11 +770,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="research variant: at least this many steps at every batch size")
     p.add_argument("--train-target", nargs="+", default=(), metavar="TASK=LOSS",
                    help="research variant: another training-loss target for a task")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"research variant: seeds 0 .. N-1 at the best lr (default {len(SEEDS)})")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    global SEEDS
     args = _parser().parse_args(argv)
+    if args.seeds:
+        SEEDS = tuple(range(args.seeds))
     log = lambda s: print(s, flush=True)
     if args.devices_worker:  # child process of devices_subprocess
         d = devices_check(make_task(DEVICES_TASK, args.quick), args.devices_batch,

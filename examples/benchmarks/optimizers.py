@@ -13,6 +13,7 @@ import inspect
 import math
 from typing import Callable, Optional, Sequence
 
+import jax.numpy as jnp
 import optax
 
 import mlbfgs_optax
@@ -233,7 +234,16 @@ SPECS = (
     _ablation("abl_blocks_all", "blocks='all' (one block)", blocks="all"),
     # Research ablations (run only when named with --opts): a shorter history moves fewer
     # bytes per step (4M words of the 4M + 15.8 the defaults move).
+    _ablation("abl_memory_10", "memory_size=10", research=True, memory_size=10),
     _ablation("abl_memory_5", "memory_size=5", research=True, memory_size=5),
     _ablation("abl_memory_3", "memory_size=3", research=True, memory_size=3),
+    _ablation("abl_memory_2", "memory_size=2", research=True, memory_size=2),
+    # Lean-state research: bfloat16 storage, one field group at a time (products and
+    # per-block scalars still accumulate in float32).
+    _ablation("abl_history_bf16", "history_dtype=bfloat16 (the s, y history)", research=True,
+              history_dtype=jnp.bfloat16),
+    _ablation("abl_averages_bf16", "averages_dtype=bfloat16 (the averages, snapshots, the "
+              "metric's second moment and the momentum)", research=True,
+              averages_dtype=jnp.bfloat16),
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}

@@ -53,8 +53,8 @@ def _specs_for(task: Task, quick: bool, names: Optional[Sequence[str]] = None) -
             continue
         if s.only and not getattr(task, s.only):
             continue
-        if s.ablation_of and not task.ablations:
-            continue
+        if s.ablation_of and not task.ablations and names is None:
+            continue  # ablations run on the cheap tasks, or wherever --opts names them
         if quick and names is None and s.name not in QUICK_SPECS:
             continue  # quick mode: fewer compilations, every code path still runs
         out.append(s)

@@ -46,7 +46,8 @@ class Task:
       fstar: known optimum of the full-batch objective (logistic task only).
       muon: whether optax.contrib.muon applies (all hidden weights are matrices).
       evals: test-set evaluations per run (they set the steps-to-target resolution).
-      ablations: whether the mL-BFGS ablations run on this task (cheap tasks only).
+      ablations: whether the mL-BFGS ablations run on this task in a full run (cheap tasks
+        only); an ablation named with ``--opts`` runs on every task.
       lr_scale: optimizer name -> factor applied to its lr grid on this task (for
         optimizers that are not invariant to the scale of the problem).
     """

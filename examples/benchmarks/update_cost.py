@@ -13,10 +13,11 @@ Three pytrees of realistic width (float32):
   parameters).
 
 For each, in one run: ``optax.adam``, ``optax.scale_by_lbfgs(10)`` and
-``mlbfgs_optax.scale_by_mlbfgs`` (M = 10, T = 10) with the defaults and with
+``mlbfgs_optax.scale_by_mlbfgs`` (M = 10, T = 10) with the other defaults and with
 ``packing="stacked"``, ``blocks="all"``, ``EqualSlices(8)``, a bfloat16 history, a pair on
 every call (T = 1) for the defaults and for the paper's algorithm
-(``paper_defaults``), and (``--placements``) the FSDP and ZeRO placements on 8 fake CPU
+(``paper_defaults``), the library's defaults as they are (their shorter history, T = 10),
+and (``--placements``) the FSDP and ZeRO placements on 8 fake CPU
 devices against ``optax.adam`` in the same placement (a subprocess). Every case is one
 jitted ``update(grads, state, params)`` with the grads and the state donated
 (:class:`examples.benchmarks.optimizer_overhead.StepTimer`): its compile time
@@ -25,8 +26,8 @@ ordinary step and pair step (every T-th call) in interleaved rounds (the least r
 median is kept: the machine is shared), the bytes a step must move
 (:func:`~examples.benchmarks.optimizer_overhead.floor_bytes`) against the bandwidth of a
 jitted ``y = a*x + y`` measured in the same rounds, and the compiled step's temporary
-buffers (``memory_analysis()``) in parameter vectors. ``--quick``: the small MLP, Adam and
-the defaults, one round (a CI smoke run; no timing is checked).
+buffers (``memory_analysis()``) in parameter vectors. ``--quick``: the small MLP, Adam,
+M = 10 and the defaults, one round (a CI smoke run; no timing is checked).
 Writes ``update_cost.{json,md}`` to ``--out``.
 """
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import subprocess
@@ -52,6 +54,9 @@ from examples.benchmarks.optimizer_overhead import StepTimer, floor_bytes
 
 MEMORY = 10
 PERIOD = 10
+#: The library's default memory size: the case "mlbfgs defaults" runs with it.
+DEFAULT_MEMORY = inspect.signature(mlbfgs_optax.scale_by_mlbfgs).parameters["memory_size"].default
+DEFAULTS_CASE = f"mlbfgs defaults (M={DEFAULT_MEMORY})"
 NUM_DEVICES = 8
 
 
@@ -79,6 +84,8 @@ def cases(quick: bool) -> list[dict]:
         dict(name="optax.scale_by_lbfgs(10)", tx=lambda: optax.scale_by_lbfgs(memory_size=10),
              period=None, kind="lbfgs"),
         dict(name="mlbfgs", tx=_mlbfgs(), period=PERIOD, kind="mlbfgs"),
+        dict(name=DEFAULTS_CASE, period=PERIOD, kind="mlbfgs", memory=DEFAULT_MEMORY,
+             tx=lambda: mlbfgs_optax.scale_by_mlbfgs(update_period=PERIOD)),
         dict(name="mlbfgs packing=stacked", tx=_mlbfgs(packing="stacked"), period=PERIOD,
              kind="mlbfgs"),
         dict(name="mlbfgs bfloat16 history", tx=_mlbfgs(history_dtype=jnp.bfloat16),
@@ -86,13 +93,16 @@ def cases(quick: bool) -> list[dict]:
         dict(name="mlbfgs T=1", period=1, kind="mlbfgs",
              tx=lambda: mlbfgs_optax.scale_by_mlbfgs(memory_size=MEMORY, update_period=1)),
         dict(name="paper T=1", period=1, kind="paper",
-             tx=lambda: mlbfgs_optax.scale_by_mlbfgs(**mlbfgs_optax.paper_defaults,
-                                                    memory_size=MEMORY, update_period=1)),
+             tx=lambda: mlbfgs_optax.scale_by_mlbfgs(**{**mlbfgs_optax.paper_defaults,
+                                                       "memory_size": MEMORY}, update_period=1)),
     ]
-    if quick:  # Adam and the defaults
-        return [c for c in out if c["name"] in ("adam", "mlbfgs")]
+    if DEFAULT_MEMORY == MEMORY:  # the defaults are the "mlbfgs" case
+        out = [c for c in out if c["name"] != DEFAULTS_CASE]
+    if quick:  # Adam, M = 10 and the defaults
+        return [c for c in out if c["name"] in ("adam", "mlbfgs", DEFAULTS_CASE)]
     if not quick:
-        out[4:4] = [
+        at = [c["name"] for c in out].index("mlbfgs packing=stacked") + 1
+        out[at:at] = [
             dict(name='mlbfgs blocks="all"', tx=_mlbfgs(blocks="all"), period=PERIOD,
                  kind="mlbfgs"),
             dict(name="mlbfgs EqualSlices(8)", tx=_mlbfgs(blocks=mlbfgs_optax.EqualSlices(8)),
@@ -116,11 +126,11 @@ def placement_cases(mesh) -> list[dict]:
     ]
 
 
-def _floor(kind: str, history_bytes: int) -> dict:
+def _floor(kind: str, history_bytes: int, memory: int = MEMORY) -> dict:
     if kind == "paper":  # identity metric: no second moment (2 words fewer)
-        fl = floor_bytes("mlbfgs", MEMORY, history_bytes)
+        fl = floor_bytes("mlbfgs", memory, history_bytes)
         return {k: v - 8 for k, v in fl.items()}
-    return floor_bytes(kind, MEMORY, history_bytes)
+    return floor_bytes(kind, memory, history_bytes)
 
 
 def _place(params, placement: Optional[str], mesh):
@@ -182,7 +192,7 @@ def run_cases(specs: list[dict], trees: dict, rounds: int, calls: int, mesh=None
     for tree_name, c, b in built:
         t = b["timer"]
         n = int(sum(x.size for x in jax.tree.leaves(t.params)))
-        fl = _floor(c["kind"], c.get("history_bytes", 4))
+        fl = _floor(c["kind"], c.get("history_bytes", 4), c.get("memory", MEMORY))
         ordinary = t.best("ordinary")
         pair = t.best("pair") if c["period"] not in (None, 1) else None
         floor_ord = (fl["pair"] if c["period"] == 1 else fl["ordinary"]) * n / bw
@@ -248,6 +258,8 @@ def checks(rows: list[dict]) -> list[tuple[str, str, Optional[float], float, boo
              ratio(ms("mlbfgs bfloat16 history"), m["ordinary_ms"]), 1.0),
             ('packing="auto" / "stacked" (ordinary step)',
              ratio(m["ordinary_ms"], ms("mlbfgs packing=stacked")), 1.1),
+            (f"defaults (M = {DEFAULT_MEMORY}) / M = {MEMORY} (ordinary step)",
+             ratio(ms(DEFAULTS_CASE), m["ordinary_ms"]), 1 / 1.5),
         ]
         out += [(tree, w, v, lim, v is not None and v <= lim) for w, v, lim in items
                 if v is not None]
@@ -263,7 +275,7 @@ def markdown(r: dict) -> str:
         "# Update cost: compile time and step time at real widths",
         "",
         f"{r['library']}; {r['machine']}; jax {r['jax']}, optax {r['optax']}; measured on CPU "
-        f"only. M = {MEMORY}, T = {PERIOD}. Smallest of {r['rounds']} interleaved rounds of the "
+        f"only. M = {MEMORY} (the defaults: {DEFAULT_MEMORY}), T = {PERIOD}. Smallest of {r['rounds']} interleaved rounds of the "
         f"median of {r['calls']} calls; grads and state donated. Bandwidth (jitted "
         f"y = a*x + y): **{r['bandwidth_GBps']:.1f} GB/s**. **floor** = the words per "
         "parameter a step must move at that bandwidth; **temp** = the compiled step's "

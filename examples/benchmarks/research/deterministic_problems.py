@@ -57,6 +57,10 @@ OPTS = {
     "abl_no_pairs": (lambda s: mlbfgs_optax.mlbfgs(s, update_period=10 ** 9), False),
     "abl_memory_5": (lambda s: mlbfgs_optax.mlbfgs(s, memory_size=5), False),
     "abl_memory_3": (lambda s: mlbfgs_optax.mlbfgs(s, memory_size=3), False),
+    "abl_memory_10": (lambda s: mlbfgs_optax.mlbfgs(s, memory_size=10), False),
+    "abl_memory_2": (lambda s: mlbfgs_optax.mlbfgs(s, memory_size=2), False),
+    "abl_history_bf16": (lambda s: mlbfgs_optax.mlbfgs(s, history_dtype=jnp.bfloat16), False),
+    "abl_averages_bf16": (lambda s: mlbfgs_optax.mlbfgs(s, averages_dtype=jnp.bfloat16), False),
 }
 STEPS, EVERY, TARGET = 50_000, 5_000, 1e-8
 

@@ -92,10 +92,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--out", default="/tmp/holdout_tasks")
+    p.add_argument("--opts", nargs="+", default=[], choices=list(SPEC_BY_NAME),
+                   help="more optimizers or mlbfgs ablations to run beside the default ones")
+    p.add_argument("--seeds", type=int, default=3)
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    specs = [SPEC_BY_NAME[o] for o in OPTS]
-    cfg = types.SimpleNamespace(quick=False, seeds=3)
+    opts = list(OPTS) + [o for o in args.opts if o not in OPTS]
+    specs = [SPEC_BY_NAME[o] for o in opts]
+    cfg = types.SimpleNamespace(quick=False, seeds=args.seeds)
     bandwidth = harness.measure_bandwidth()
     lines = ["| task | optimizer | lr | grid: lrs, diverged | final test acc median [min, max] "
              "| steps to target (seeds) | final train loss |", "|---|---|---|---|---|---|---|"]
@@ -105,12 +109,12 @@ def main(argv=None):
         task = make(name)
         with tqdm(desc=name, file=sys.stderr) as bar:
             res = run.run_task(task, specs, cfg, bar, bandwidth)
-        chosen = {o: [r for r in res["runs"]  # the 3 seeds at the chosen lr
+        chosen = {o: [r for r in res["runs"]  # the seeds at the chosen lr
                       if r["optimizer"] == o and r["lr"] == res["summary"][o]["lr"]]
-                  for o in OPTS}
+                  for o in opts}
         after = after_the_fact_target(res["summary"], chosen)
         target = res["target"] = after["target"]
-        for o in OPTS:
+        for o in opts:
             s = res["summary"][o]
             st = s["holdout_steps_to_target"] = after["summary"][o]["steps_to_target"]
             reached = s["holdout_reached"] = after["summary"][o]["reached"]
@@ -120,9 +124,9 @@ def main(argv=None):
             lines.append(
                 f"| {name} (target {target:.3f}) | {o} | {s['lr']:g} | {grid} | "
                 f"{s['final_median']:.3f} [{s['final_min']:.3f}, {s['final_max']:.3f}] | "
-                f"{'–' if st is None else f'{st:.0f}'} ({reached}/3) | {loss:.4f} |")
+                f"{'–' if st is None else f'{st:.0f}'} ({reached}/{args.seeds}) | {loss:.4f} |")
         out["tasks"][name] = {k: v for k, v in res.items() if k != "runs"}
-        print("\n".join(lines[-len(OPTS):]), flush=True)
+        print("\n".join(lines[-len(opts):]), flush=True)
     out["wall_seconds"] = time.perf_counter() - t0
     md = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "holdout_tasks.md"), "w") as f:
