@@ -48,7 +48,29 @@ def test_train_mnist1d_quick(tmp_path):
         _assert_decreased(r)
         assert 0.0 <= r["test_acc"][-1] <= 1.0
         assert r["ms_per_step"] > 0
+        assert r["largest_rise"] >= 1.0
     assert out.stat().st_size > 10_000
+    # The state's bytes per parameter: (2M + 6) float32 numbers at the default M = 2, and
+    # the per-block scalars of the CNN's 6 leaves; AdamW's mu and nu.
+    assert 40.0 < results["mL-BFGS"]["state_bytes_per_param"] < 41.0
+    assert 8.0 < results["AdamW"]["state_bytes_per_param"] < 8.01
+
+
+def test_train_mnist1d_tune_picks_the_lowest_final_loss(monkeypatch, capsys):
+    monkeypatch.setattr(train_mnist1d, "TUNE_GRID", (1e-4, 1e-2))
+    args = train_mnist1d.parse_args(["--quick"])
+    data = train_mnist1d.common.load_mnist1d(args)
+    model = train_mnist1d.common.CNN1D()
+    params = model.init(jax.random.key(0), data[0][:1])["params"]
+    best = train_mnist1d.tune(model, params, data, args)
+    assert best == {"mL-BFGS": 1e-2, "AdamW": 1e-2}  # 1e-4 barely moves in 60 steps
+    assert "-> best 0.01" in capsys.readouterr().out
+
+
+def test_largest_rise():
+    assert train_mnist1d.largest_rise(np.linspace(2.0, 1.0, 200), width=10) == 1.0
+    bump = np.concatenate([np.ones(100), 3.0 * np.ones(50), np.ones(100)])
+    assert train_mnist1d.largest_rise(bump, width=10) == pytest.approx(3.0)
 
 
 def test_linen_train_quick_and_trainstate_donation():
