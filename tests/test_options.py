@@ -90,6 +90,20 @@ def test_paper_defaults_is_read_only_and_switches_every_extension_off():
     assert mlbfgs_optax.paper_defaults["pair_warmup"] == 0
 
 
+def test_presets_keep_the_papers_history_while_the_default_is_short():
+    params = {"w": jnp.zeros((3, 4))}
+    default = inspect.signature(mlbfgs_optax.scale_by_mlbfgs).parameters["memory_size"].default
+    assert default == 2
+    assert mlbfgs_optax.scale_by_mlbfgs().init(params).rho.shape == (1, 2)
+    paper = mlbfgs_optax.scale_by_mlbfgs(**mlbfgs_optax.paper_defaults).init(params)
+    assert paper.rho.shape == (1, 10)
+    authors = mlbfgs_optax.find_mlbfgs_state(mlbfgs_optax.authors_recipe(0.1).init(params))
+    assert authors.rho.shape == (1, 10)
+    # Another size merges into the mapping (passing it beside ** would repeat the keyword).
+    five = mlbfgs_optax.scale_by_mlbfgs(**{**mlbfgs_optax.paper_defaults, "memory_size": 5})
+    assert five.init(params).rho.shape == (1, 5)
+
+
 def test_valid_edge_arguments_are_accepted():
     mlbfgs_optax.scale_by_mlbfgs(memory_size=1, update_period=1, beta=0.0, sigma_low=-_INF,
                                  sigma_high=_INF, tau_max=1.0, pair_momentum=0.0,
