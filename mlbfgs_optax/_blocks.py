@@ -349,11 +349,8 @@ class BlockLayout:
         """
         ub = self.buckets[j].unit_block
         if ub and len(set(ub)) == 1 and c.shape[0] > 1:
-            # One block: read at an index XLA cannot fold into the kernels, so that the
-            # kernels of the buckets of one shape (large leaves, one bucket each) are
-            # the same kernels, which XLA compiles once, not once per bucket.
-            v = jax.lax.dynamic_index_in_dim(c, _opaque_index(ub[0]), keepdims=False)
-            return v if len(ub) > 1 else v[None]
+            # One block: its value, a scalar (or ``(...)``) broadcast over the units.
+            return c[ub[0]] if len(ub) > 1 else c[ub[0] : ub[0] + 1]
         if ub and ub == tuple(range(ub[0], ub[0] + len(ub))):
             return c if len(ub) == c.shape[0] else c[ub[0] : ub[0] + len(ub)]
         # Materialised once (the barrier): fused into an elementwise pass over the
@@ -489,11 +486,6 @@ def _multiply_reduce(h: jax.Array, v: jax.Array, dtype) -> jax.Array:
 
 
 jax.tree_util.register_static(BlockLayout)
-
-
-def _opaque_index(i: int) -> jax.Array:
-    """``i`` as an int32 scalar that XLA cannot constant-fold (behind an optimization barrier)."""
-    return jax.lax.optimization_barrier(jnp.asarray(i, jnp.int32))
 
 
 def _reduce_units(xs: list[jax.Array], op: str) -> jax.Array:
