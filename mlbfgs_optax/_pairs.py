@@ -185,8 +185,7 @@ def gram_rows(layout, s_hist, y_hist, slot, q, acc) -> tuple:
     """
     pair = lambda hist: [layout.gather_slot(x, slot, j) for j, x in enumerate(hist)]
     vs = [pair(s_hist), pair(y_hist)] + ([q] if q is not None else [])
-    on_s = layout.block_dot_history_many(s_hist, vs, acc)  # (B, M, K)
-    on_y = layout.block_dot_history_many(y_hist, vs, acc)
+    on_s, on_y = layout.block_dot_history_many([s_hist, y_hist], vs, acc)  # (B, M, K) each
     rows = (on_s[..., 0], on_s[..., 1], on_y[..., 0], on_y[..., 1])
     return rows, ((on_s[..., 2], on_y[..., 2]) if q is not None else None)
 
@@ -306,6 +305,11 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     if not opts.pair_momentum_off:
         s, y = with_pair_momentum(layout, s, y, s_hist, y_hist, st.newest, st.num_pairs,
                                   h.pair_momentum, acc)
+    # The candidate is read by several reductions (damping scale, damping products, the
+    # stored pair's products) and by the store: made once, behind a barrier, each pass
+    # reads two arrays instead of recomputing the pair from the four averages and the
+    # metric's second moment (on XLA:CPU every such reduction was its own slow pass).
+    s, y = jax.lax.optimization_barrier((s, y))
     damped = damp(layout, s, y, h, not opts.yy_bound_off, acc)
     # The pair as it will be stored, in the history dtype.
     s_st = [x.astype(d) for x, d in zip(s, dt.history)]
