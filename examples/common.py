@@ -8,8 +8,9 @@
   has (``--steps``, ``--batch-size``, ``--num-samples``, ``--seed``, ``--lr``,
   ``--quick``, optionally ``--out`` and the mL-BFGS hyperparameters); each example
   adds its own few;
-* :func:`bytes_per_device`, :func:`tree_bytes`: memory of a pytree of arrays, used
-  by ``train_data_parallel.py`` and the benchmarks.
+* :func:`bytes_per_device`: the bytes of a pytree of arrays on each device, used
+  by ``train_data_parallel.py`` and the benchmarks (the total and the fullest device's
+  share: :func:`mlbfgs_optax.state_nbytes`).
 """
 
 from __future__ import annotations
@@ -91,12 +92,6 @@ def num_params(params) -> int:
 
 
 # ----------------------------------------------------------------------------- memory
-
-
-def tree_bytes(tree) -> int:
-    """Bytes of the arrays (or ``jax.ShapeDtypeStruct``) in ``tree``, on one device."""
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
-                   if hasattr(x, "dtype")))
 
 
 def bytes_per_device(tree) -> dict[int, int]:

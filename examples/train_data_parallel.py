@@ -89,7 +89,7 @@ def main(argv=None):
     per_dev = common.bytes_per_device(mlbfgs_optax.find_mlbfgs_state(opt_state))
     unsharded = mlbfgs_optax.mlbfgs(args.lr, blocks=mlbfgs_optax.EqualSlices(num_blocks),
                                     **hyper)
-    single = common.tree_bytes(
+    single = mlbfgs_optax.state_nbytes(
         mlbfgs_optax.find_mlbfgs_state(jax.eval_shape(unsharded.init, params)))
     print(f"mL-BFGS state (momentum included): {max(per_dev.values()):,} bytes per device on "
           f"{len(per_dev)} device(s) vs {single:,} bytes on one device "

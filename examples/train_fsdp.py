@@ -70,12 +70,12 @@ def main(argv=None):
                              update_period=args.update_period, beta=args.beta,
                              sigma_low=args.sigma_low)
     opt_state = tx.init(params)  # follows the params' sharding
-    per_dev = common.bytes_per_device(opt_state)
-    single = common.tree_bytes(jax.eval_shape(tx.init, params))
+    per_device = mlbfgs_optax.state_nbytes(opt_state, per_device=True)
+    single = mlbfgs_optax.state_nbytes(jax.eval_shape(tx.init, params))
     print(f"{n_dev} device(s) on an 'fsdp' mesh; MLP with {common.num_params(params)} "
           f"parameters, weights sharded on their first axis")
-    print(f"optimizer state: {max(per_dev.values()):,} bytes per device vs {single:,} bytes "
-          f"on one device ({single / max(per_dev.values()):.2f}x less)")
+    print(f"optimizer state: {per_device:,} bytes per device vs {single:,} bytes "
+          f"on one device ({single / per_device:.2f}x less)")
 
     batch = NamedSharding(mesh, P("fsdp"))
     classification_loss = common.classification_loss(model)
@@ -119,7 +119,7 @@ def main(argv=None):
     w_hist = mlbfgs_optax.find_mlbfgs_state(opt_state).unpacked("s_history")["Dense_0"]["kernel"]
     result = {
         "n_devices": n_dev,
-        "state_bytes_per_device": max(per_dev.values()),
+        "state_bytes_per_device": per_device,
         "state_bytes_single_device": int(single),
         "history_spec": w_hist.sharding.spec,
         "initial_loss": losses[0],

@@ -114,7 +114,6 @@ sys.path.insert(0, str(_ROOT))
 
 import mlbfgs_optax
 from examples.benchmarks import harness
-from examples.common import bytes_per_device
 
 
 def _library_loaded() -> str:
@@ -575,7 +574,8 @@ def _guarded(fn: Callable, row: dict, repeats: int) -> dict:
         setup = fn()
         row.update(measure(setup, repeats))
         if row.get("placement") not in (None, "single"):
-            row["state_bytes_per_device_max"] = max(bytes_per_device(setup.state).values())
+            row["state_bytes_per_device_max"] = mlbfgs_optax.state_nbytes(setup.state,
+                                                                        per_device=True)
         row["update_eqns_per_leaf"] = row["update_eqns"] / row["leaves"]
     except Exception as e:  # noqa: BLE001 -- a benchmark row records its failure
         row["error"] = f"{type(e).__name__}: {e}"[:2000]

@@ -22,7 +22,6 @@ import optax
 
 import mlbfgs_optax
 from examples.benchmarks.tasks import Task
-from examples.common import tree_bytes
 
 DEFAULT_OUT = os.path.join("examples", "benchmarks", "results")
 
@@ -179,7 +178,7 @@ def time_update(tx: optax.GradientTransformation, params, repeats: int = 20,
     extra = {} if grad_fn is None else {"grad_fn": grad_fn}
     upd = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra),
                   donate_argnums=(1,) if donate else ())
-    state_bytes = tree_bytes(state)
+    state_bytes = mlbfgs_optax.state_nbytes(state)
     for _ in range(3):  # compile and warm up
         u, state = upd(grads, state, params)
         jax.block_until_ready((u, state))

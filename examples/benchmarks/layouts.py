@@ -23,7 +23,6 @@ from jax.sharding import PartitionSpec as P
 
 import mlbfgs_optax
 from examples.benchmarks import harness
-from examples.common import bytes_per_device, tree_bytes
 
 LAYERS = [(1024, 1024), (1024, 1024), (1024, 256)]
 LR = 1e-2
@@ -34,8 +33,8 @@ def measure(n: int) -> dict:
     mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
     params = harness.dense_params(LAYERS)
     whole = jax.eval_shape(mlbfgs_optax.mlbfgs(LR).init, params)
-    single = tree_bytes(whole)
-    single_ml = tree_bytes(mlbfgs_optax.find_mlbfgs_state(whole))
+    single = mlbfgs_optax.state_nbytes(whole)
+    single_ml = mlbfgs_optax.state_nbytes(mlbfgs_optax.find_mlbfgs_state(whole))
     specs = {
         "fsdp": lambda x: P("data") if x.shape[0] % n == 0 else P(),
         "tensor_parallel": lambda x: P(*(None,) * (x.ndim - 1), "data")
@@ -49,9 +48,9 @@ def measure(n: int) -> dict:
                                    axis_name="data") if name == "zero"
                else mlbfgs_optax.mlbfgs(LR))
         state = opt.init(placed)
-        out[name] = max(bytes_per_device(state).values())
-        out[name + "_mlbfgs"] = max(bytes_per_device(
-            mlbfgs_optax.find_mlbfgs_state(state)).values())
+        out[name] = mlbfgs_optax.state_nbytes(state, per_device=True)
+        out[name + "_mlbfgs"] = mlbfgs_optax.state_nbytes(
+            mlbfgs_optax.find_mlbfgs_state(state), per_device=True)
     return out
 
 

@@ -94,7 +94,7 @@ class StepTimer:
             for k, x in zip(keys, leaves)])
         self.params = jax.tree.map(lambda x: jnp.array(x, copy=True) + 1.0, params)
         self.state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))
-        self.state_bytes = harness.tree_bytes(self.state)
+        self.state_bytes = mlbfgs_optax.state_nbytes(self.state)
         self.grad = jax.jit(lambda h, p: jax.tree.map(jnp.multiply, h, p))
         self.apply = jax.jit(lambda p, u: jax.tree.map(lambda x, v: x - lr * v, p, u),
                              donate_argnums=(0,))

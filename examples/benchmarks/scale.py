@@ -40,7 +40,6 @@ from flax.training import train_state
 import mlbfgs_optax
 from examples.benchmarks import harness, scale_tasks
 from examples.benchmarks.optimizers import SPEC_BY_NAME
-from examples.common import tree_bytes
 
 OPTIMIZERS = ("sgd", "adamw", "mlbfgs_default", "mlbfgs_authors", "nsgdm")
 WARMUP_FRACTION = 0.05
@@ -105,7 +104,7 @@ class ScaleTrainer:
         eval_fn, batches = jax.jit(task.eval_batch), task.eval_batches(task.data)
         self._eval = lambda p, ms: task.evaluate(eval_fn, batches, p, ms)
         self.peak_bytes = _peak_bytes(self._step)
-        self.state_bytes = tree_bytes(s0.opt_state)
+        self.state_bytes = mlbfgs_optax.state_nbytes(s0.opt_state)
 
     def run(self, lr: float, seed: int) -> dict:
         """Trains from seed ``seed``; the history and summary numbers."""
