@@ -102,6 +102,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.extend  # jax.extend.core: the jaxpr types count_eqns walks
 import jax.numpy as jnp
 import numpy as np
 import optax
