@@ -22,7 +22,8 @@ parameter leaves or blocks:
   in one block. A model has one bucket per dtype, however many leaves and
   shapes it has;
 * the largest leaves (:data:`MAX_OWN_BUCKETS` of at least :data:`OWN_BUCKET_SIZE`
-  numbers) are buckets of their own, ``(1, *shape)``: packing them is a reshape;
+  numbers; all of them with ``packing="leaves"``) are buckets of their own,
+  ``(1, *shape)``: packing them is a reshape;
 * a *stacked* bucket holds the leaves of one shape and dtype, ``(k, *shape)``,
   one unit per leaf, sharded like them (``P(None, *spec)``) under every kind
   of mesh axis, so that nothing is resharded: the leaves that a mesh axis
@@ -542,24 +543,26 @@ OWN_BUCKET_SIZE = 1 << 16
 MAX_OWN_BUCKETS = 8
 
 
-def _member_groups(leaves: list, stacked: list[bool]) -> list[tuple[bool, list[int]]]:
+def _member_groups(leaves: list, stacked: list[bool],
+                   max_own: Optional[int] = MAX_OWN_BUCKETS) -> list[tuple[bool, list[int]]]:
     """The leaves of every bucket, ``(row_packed, members)``, in order of first leaf.
 
-    The :data:`MAX_OWN_BUCKETS` largest leaves of at least
+    The ``max_own`` (None: all) largest leaves of at least
     :data:`OWN_BUCKET_SIZE` numbers are buckets of their own, ``(1, *shape)``
     (a stacked bucket of one leaf, sharded like it): packing and unpacking them
     are reshapes (their own buffers, read in place) instead of copies, which at
     such sizes cost as much as an elementwise pass over them (and a fresh buffer
     per call), and as one unit their history products are one matrix-vector
     product each. Every bucket adds its own kernels to the compiled step (about
-    1 s of XLA:CPU compile time each), hence the bound. The other stacked leaves
+    1 s of XLA:CPU compile time each), hence the bound (:data:`MAX_OWN_BUCKETS`;
+    ``packing="leaves"`` lifts it). The other stacked leaves
     form one bucket per (shape, dtype), the other row-packed leaves one bucket
     per dtype: the program's size is set by the number of large leaves, dtypes
     and shapes, not by the number of small leaves.
     """
     sizes = [math.prod(x.shape) for x in leaves]
     candidates = [i for i in range(len(leaves)) if sizes[i] >= OWN_BUCKET_SIZE]
-    own = set(sorted(candidates, key=lambda i: -sizes[i])[:MAX_OWN_BUCKETS])
+    own = set(sorted(candidates, key=lambda i: -sizes[i])[:max_own])
     groups: dict[Any, list[int]] = {}
     for i, x in enumerate(leaves):
         key = ((tuple(x.shape),) if stacked[i] else ()) + (jnp.dtype(x.dtype),)
@@ -615,10 +618,12 @@ def make_layout(params: Any, blocks: BlockSpec, packing: str = "auto") -> BlockL
         hashable labels with the structure of ``params`` (leaves with the same
         label form one block), or a callable ``params -> labels``.
       packing: ``"rows"`` (every leaf of one dtype in one row-packed bucket),
-        ``"stacked"`` (the leaves of one shape and dtype stacked) or
+        ``"stacked"`` (the leaves of one shape and dtype stacked),
         ``"auto"`` (stacked for the leaves split over a mesh axis, as far as
         ``params`` show it, and for every leaf under a mesh with Auto axes set
-        in context; rows for the rest); see
+        in context; rows for the rest) or ``"leaves"`` (as ``"auto"``, but
+        every leaf of :data:`OWN_BUCKET_SIZE` or more numbers a bucket of its
+        own, not only the :data:`MAX_OWN_BUCKETS` largest); see
         :func:`~mlbfgs_optax.scale_by_mlbfgs`. Ignored for :class:`EqualSlices`.
 
     Returns:
@@ -703,13 +708,15 @@ def make_layout(params: Any, blocks: BlockSpec, packing: str = "auto") -> BlockL
                     f"{lab!r}, which is not a hashable label."
                 )
 
-    if packing not in ("auto", "rows", "stacked"):
+    if packing not in ("auto", "rows", "stacked", "leaves"):
         raise ValueError(f"scale_by_mlbfgs: packing={packing!r} is invalid; expected 'auto', "
-                         "'rows' or 'stacked'.")
+                         "'rows', 'stacked' or 'leaves'.")
     auto_mesh = _auto_mesh_in_context()
-    stacked = {"rows": lambda x: False, "stacked": lambda x: True,
-               "auto": lambda x: auto_mesh or _partitioned(x) is not None}[packing]
-    groups = _member_groups(leaves, [stacked(x) for x in leaves])
+    by_mesh = lambda x: auto_mesh or _partitioned(x) is not None
+    stacked = {"rows": lambda x: False, "stacked": lambda x: True, "auto": by_mesh,
+               "leaves": by_mesh}[packing]
+    groups = _member_groups(leaves, [stacked(x) for x in leaves],
+                            None if packing == "leaves" else MAX_OWN_BUCKETS)
     order: dict[Hashable, int] = {}
     if isinstance(blocks, str) and blocks == "leaf":
         # Bucket by bucket: the blocks of every bucket are then consecutive, and the

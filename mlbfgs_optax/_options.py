@@ -112,7 +112,7 @@ class Options:
       blocks: the user's block spec. Not part of the hash or equality: its whole
         effect is the :class:`~mlbfgs_optax.BlockLayout` built from it, which is a
         static argument of its own.
-      packing: ``"auto"``, ``"rows"`` or ``"stacked"`` (how the layout stores
+      packing: ``"auto"``, ``"rows"``, ``"stacked"`` or ``"leaves"`` (how the layout stores
         the params-shaped state; likewise only through the layout).
       refresh_grad_average: reset the gradient average after each pair step.
       normalize: divide the direction by its global norm once a pair exists.
@@ -236,7 +236,7 @@ def make_options(
     if pair_warmup is not None:
         check("pair_warmup", pair_warmup, lambda v: v >= 0 and math.isfinite(v),
               "a finite number >= 0, or None (1 / (1 - beta))")
-    check_choice("packing", packing, ("auto", "rows", "stacked"))
+    check_choice("packing", packing, ("auto", "rows", "stacked", "leaves"))
     if momentum is not None:
         check("momentum", momentum, lambda v: 0.0 <= v < 1.0,
               "a float in [0, 1), or None (no momentum)")

@@ -110,6 +110,26 @@ def test_auto_packing_stacks_sharded_leaves_and_leaves_under_an_auto_mesh():
         mlbfgs_optax.scale_by_mlbfgs(packing="flat")
 
 
+def test_large_leaves_are_buckets_of_their_own(monkeypatch):
+    """The largest leaves of OWN_BUCKET_SIZE+ numbers are (1, *shape) buckets: at most
+    MAX_OWN_BUCKETS of them, all of them with packing="leaves"; the rest row-packed."""
+    monkeypatch.setattr(_blocks, "OWN_BUCKET_SIZE", 6)
+    monkeypatch.setattr(_blocks, "MAX_OWN_BUCKETS", 2)
+    one = lambda *shape: np.ones(shape, np.float32)
+    params = {"w0": one(2, 3), "w1": one(3, 3), "w2": one(2, 4), "b": one(5)}
+    own = lambda lay: sorted(lay.shapes[b.leaves[0]] for b in lay.buckets
+                             if b.starts is None and len(b.leaves) == 1)
+    auto = _blocks.make_layout(params, "leaf")
+    assert own(auto) == [(2, 4), (3, 3)]  # the two largest
+    leaves = _blocks.make_layout(params, "leaf", "leaves")
+    assert own(leaves) == [(2, 3), (2, 4), (3, 3)]
+    assert [len(b.leaves) for b in leaves.buckets if b.starts is not None] == [1]  # b
+    x = jax.tree.map(lambda a: jnp.asarray(a) * 2, params)
+    back = leaves.unpack(leaves.pack(x))
+    jax.tree.map(np.testing.assert_array_equal, back, x)
+    mlbfgs_optax.scale_by_mlbfgs(packing="leaves")  # accepted
+
+
 def test_bad_block_specs():
     with pytest.raises(ValueError, match="same structure as params"):
         mlbfgs_optax.scale_by_mlbfgs(blocks={"a": 0}).init(PARAMS)

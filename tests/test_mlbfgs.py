@@ -111,15 +111,18 @@ def test_blockwise_equals_each_block_alone():
     assert int(sj.num_pairs.min()) > 0
 
 
-def test_row_and_stacked_packings_give_the_same_steps():
-    """The packing only stores the state: float64 directions agree to round-off."""
+def test_row_and_stacked_packings_give_the_same_steps(monkeypatch):
+    """The packing only stores the state: float64 directions agree to round-off (with
+    leaves of their own: every one with "leaves", the largest with "rows" and "stacked")."""
+    monkeypatch.setattr(mlbfgs_optax._blocks, "OWN_BUCKET_SIZE", 15)
+    monkeypatch.setattr(mlbfgs_optax._blocks, "MAX_OWN_BUCKETS", 1)
     rng = np.random.default_rng(2)
     with jax.enable_x64(True):
         params = {"a": jnp.asarray(rng.normal(size=(3, 5))), "b": jnp.asarray(rng.normal(size=5)),
                   "c": jnp.asarray(rng.normal(size=(3, 5)))}
         kw = dict(update_period=2, beta=0.5, memory_size=3, pair_warmup=0)
         out = {}
-        for packing in ("rows", "stacked"):
+        for packing in ("rows", "stacked", "leaves"):
             opt = mlbfgs_optax.scale_by_mlbfgs(packing=packing, **kw)
             p, st = params, opt.init(params)
             for t in range(12):
@@ -130,6 +133,7 @@ def test_row_and_stacked_packings_give_the_same_steps():
             out[packing] = p
         for k in params:
             np.testing.assert_allclose(out["rows"][k], out["stacked"][k], rtol=1e-12)
+            np.testing.assert_allclose(out["rows"][k], out["leaves"][k], rtol=1e-12)
 
 
 def test_label_blocks_and_callable_labels_agree():

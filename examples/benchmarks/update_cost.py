@@ -14,7 +14,7 @@ Three pytrees of realistic width (float32):
 
 For each, in one run: ``optax.adam``, ``optax.scale_by_lbfgs(10)`` and
 ``mlbfgs_optax.scale_by_mlbfgs`` (M = 10, T = 10) with the other defaults and with
-``packing="stacked"``, ``blocks="all"``, ``EqualSlices(8)``, a bfloat16 history, a pair on
+``packing="stacked"``, ``packing="leaves"``, ``blocks="all"``, ``EqualSlices(8)``, a bfloat16 history, a pair on
 every call (T = 1) for the defaults and for the paper's algorithm
 (``paper_defaults``), the library's defaults as they are (their shorter history, T = 10),
 and (``--placements``) the FSDP and ZeRO placements on 8 fake CPU
@@ -45,7 +45,6 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import mlbfgs_optax
@@ -87,6 +86,8 @@ def cases(quick: bool) -> list[dict]:
         dict(name=DEFAULTS_CASE, period=PERIOD, kind="mlbfgs", memory=DEFAULT_MEMORY,
              tx=lambda: mlbfgs_optax.scale_by_mlbfgs(update_period=PERIOD)),
         dict(name="mlbfgs packing=stacked", tx=_mlbfgs(packing="stacked"), period=PERIOD,
+             kind="mlbfgs"),
+        dict(name="mlbfgs packing=leaves", tx=_mlbfgs(packing="leaves"), period=PERIOD,
              kind="mlbfgs"),
         dict(name="mlbfgs bfloat16 history", tx=_mlbfgs(history_dtype=jnp.bfloat16),
              period=PERIOD, kind="mlbfgs", history_bytes=2),
@@ -260,6 +261,11 @@ def checks(rows: list[dict]) -> list[tuple[str, str, Optional[float], float, boo
              ratio(m["ordinary_ms"], ms("mlbfgs packing=stacked")), 1.1),
             (f"defaults (M = {DEFAULT_MEMORY}) / M = {MEMORY} (ordinary step)",
              ratio(ms(DEFAULTS_CASE), m["ordinary_ms"]), 1 / 1.5),
+            ('packing="leaves": ordinary step / adam\'s update',
+             ratio(ms("mlbfgs packing=leaves"), adam["ordinary_ms"]), limit),
+            ('packing="leaves": pair step / ordinary step',
+             ratio((by.get("mlbfgs packing=leaves") or {}).get("pair_ms"),
+                   ms("mlbfgs packing=leaves")), 1.5),
         ]
         out += [(tree, w, v, lim, v is not None and v <= lim) for w, v, lim in items
                 if v is not None]
