@@ -163,7 +163,7 @@ def bound_factor(gg, dd, bound) -> jax.Array:
 
 
 def combine(layout, q: list, base, coef_s, s_hist: list, coef_y, y_hist: list, acc,
-            root_d=None) -> list:
+            root_d=None, g=None) -> list:
     r"""The second pass: :math:`D^{1/2}(\text{base}\, q + S c_s + \hat Y c_y)` per block.
 
     For ``M <=`` :data:`MAX_UNROLLED_MEMORY` the sum over slots is unrolled
@@ -179,6 +179,8 @@ def combine(layout, q: list, base, coef_s, s_hist: list, coef_y, y_hist: list, a
       s_hist, y_hist: packed histories.
       acc: the accumulation dtype.
       root_d: packed :math:`D^{1/2}`, or None for :math:`D = I`.
+      g: packed :math:`g` with :math:`q = D^{1/2} g`, or None: then a bucket of
+        one leaf reads :math:`q` as it is.
 
     Returns:
       The packed direction, in ``acc``.
@@ -190,16 +192,31 @@ def combine(layout, q: list, base, coef_s, s_hist: list, coef_y, y_hist: list, a
         dy = layout.combine_history(coef_y, y_hist, acc)
         d = [bc(base, j, x.ndim) * x.astype(acc) + a + b
              for j, (x, a, b) in enumerate(zip(q, ds, dy))]
-    else:
-        d = []
-        for j, (x, s, y) in enumerate(zip(q, s_hist, y_hist)):
-            # Every unit's weights gathered once, (U, M) (or (M,) for one block).
-            cs, cy = layout.per_unit(coef_s, j), layout.per_unit(coef_y, j)
-            col = lambda c, m: c[m] if c.ndim == 1 else c[:, m].reshape(
-                (-1,) + (1,) * (x.ndim - 1))
-            dj = bc(base, j, x.ndim) * x.astype(acc)
-            for m in range(num_slots):
-                dj = dj + col(cs, m) * s[:, m].astype(acc)
-                dj = dj + col(cy, m) * y[:, m].astype(acc)
-            d.append(dj)
-    return d if root_d is None else [x * r for x, r in zip(d, root_d)]
+        return d if root_d is None else [x * r for x, r in zip(d, root_d)]
+    d = []
+    for j, (x, s, y) in enumerate(zip(q, s_hist, y_hist)):
+        # A bucket that is one leaf as one unit is combined in the leaf's own shape,
+        # every operand reshaped to it (the packed updates fold back to the leaf): XLA
+        # then writes the update into the leaf's buffer in place, where a reshape
+        # between the leaf and the update made it write a temporary and copy it over.
+        b = layout.buckets[j]
+        own = layout._is_reshape(b) and len(b.unit_block) == 1
+        view = (lambda a: a.reshape(layout.shapes[b.leaves[0]])) if own else (lambda a: a)
+        nd = view(x).ndim
+        # Every unit's weights gathered once, (U, M) (or (M,) for one block).
+        cs, cy = layout.per_unit(coef_s, j), layout.per_unit(coef_y, j)
+        if own:  # one unit: (M,)
+            cs, cy = cs.reshape(-1), cy.reshape(-1)
+        col = lambda c, m: c[m] if c.ndim == 1 else c[:, m].reshape((-1,) + (1,) * (nd - 1))
+        # q of a one-leaf bucket from the leaf itself (the reshapes fold away).
+        qj = view(x).astype(acc)
+        if own and g is not None:
+            qj = view(g[j]).astype(acc) * (1 if root_d is None else view(root_d[j]))
+        dj = bc(base, j, nd) * qj
+        for m in range(num_slots):
+            dj = dj + col(cs, m) * view(s[:, m]).astype(acc)
+            dj = dj + col(cy, m) * view(y[:, m]).astype(acc)
+        if root_d is not None:
+            dj = dj * view(root_d[j])
+        d.append(dj.reshape(x.shape))
+    return d

@@ -185,7 +185,7 @@ def at_most_once(pred, fn, state: ScaleByMLBFGSState, fields, extra=()):
     return state._replace(**carried), extra
 
 
-def fused_direction(layout, opts: Options, h: Hyperparams, whiten, products_of, products,
+def fused_direction(layout, opts: Options, h: Hyperparams, g, whiten, products_of, products,
                     st: ScaleByMLBFGSState, acc) -> list:
     r"""Step 3 in two passes over the history (:mod:`mlbfgs_optax._direction`).
 
@@ -214,7 +214,7 @@ def fused_direction(layout, opts: Options, h: Hyperparams, whiten, products_of, 
     w = (kappa * c)[:, None]
     q, root_d = whiten()
     return _direction.combine(layout, q, kappa * gam, w * coef_s, s_hist, w * coef_y, y_hist,
-                              acc, root_d)
+                              acc, root_d, g)
 
 
 def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
@@ -225,6 +225,13 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
     devices that share the blocks (identities on one device). ``hvp``: packed
     Hessian-vector product for ``curvature="hessian_vector"``, else None.
     """
+    # ``count`` never falls below 0 (it saturates), but XLA cannot know it.
+    with _blocks.opaque_block_indices(layout, state.count >= 0):
+        return _local_step(opts, h, layout, g, theta, state, finite, coll, hvp)
+
+
+def _local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
+                coll: Collectives, hvp=None):
     dt = state_dtypes(opts, layout)
     new = averages(layout, state, g, theta, h.beta, finite, dt)
     inv_lr = None
@@ -281,7 +288,7 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
         rows, products = jax.lax.cond(is_pair_step, with_pair, without_pair)
         new = _pairs.store_gram_rows(layout, new, rows, new.newest, stored)
     if fused:
-        d = fused_direction(layout, opts, h, whiten, products_of, products, new, dt.acc)
+        d = fused_direction(layout, opts, h, g, whiten, products_of, products, new, dt.acc)
     else:
         d = metric_direction(layout, opts, h, g, new, whiten()[1], dt.acc)
     if opts.normalize:

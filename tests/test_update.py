@@ -133,3 +133,20 @@ def test_compiled_step_moves_no_history_sized_copy(packing):
     assert temp <= 4.5 * param_bytes, f"temporaries: {temp / param_bytes:.2f} parameter vectors"
     # Packing a large leaf is a reshape: its state is in a bucket of its own.
     assert sum(len(b.leaves) == 1 for b in state.layout.buckets) >= 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda: mlbfgs_optax.scale_by_mlbfgs(),
+    lambda: mlbfgs_optax.mlbfgs(0.1),
+    lambda: mlbfgs_optax.scale_by_mlbfgs(**mlbfgs_optax.paper_defaults),
+], ids=["scale_by_mlbfgs", "mlbfgs", "paper_defaults"])
+def test_large_leaves_are_updated_in_place(make):
+    """The update of a leaf in a bucket of its own is written into the donated updates'
+    buffer: the compiled update copies no array of a large leaf's size (a reshape between
+    the leaf and its update made XLA compute it into a temporary and copy it over)."""
+    params = {"w1": jnp.zeros((512, 512)), "w2": jnp.zeros((512, 256)), "b": jnp.zeros(256)}
+    compiled, _ = _compiled_update(make(), params)
+    entry = compiled.as_text().split("\nENTRY")[1]
+    copies = [line.strip()[:160] for line in entry.splitlines()
+              if re.search(r"= f32\[(512,512|512,256|1,512,512|1,512,256)\]\S* copy\(", line)]
+    assert not copies, "copies of large leaves:\n" + "\n".join(copies)
