@@ -416,3 +416,42 @@ def test_update_cost_placements_quick_run(tmp_path):
     assert {"mlbfgs FSDP", "mlbfgs ZeRO", "adam FSDP"} <= {r["name"] for r in result["rows"]}
     md = update_cost.markdown(result)
     assert "mlbfgs ZeRO" in md
+
+
+def test_xla_cpu_limits_reads_the_hlo_and_writes_its_report():
+    """The HLO readers of xla_cpu_limits on a known program text, and its report."""
+    from examples.benchmarks import xla_cpu_limits as xl
+    text = """HloModule m
+
+%fused_computation (param_0: f32[4,4]) -> f32[16,1] {
+  %param_0 = f32[4,4]{1,0} parameter(0)
+  %bitcast.1 = f32[16]{0} bitcast(%param_0)
+  ROOT %bitcast.2 = f32[16,1]{1,0} bitcast(%bitcast.1)
+}
+
+%fused_computation.1 (param_0.1: f32[4,4]) -> f32[4,4] {
+  %param_0.1 = f32[4,4]{1,0} parameter(0)
+  ROOT %multiply.1 = f32[4,4]{1,0} multiply(%param_0.1, %param_0.1)
+}
+
+ENTRY %main (x: f32[4,4]) -> f32[16,1] {
+  %x = f32[4,4]{1,0} parameter(0)
+  %multiply_fusion = f32[4,4]{1,0} fusion(%x), kind=kLoop, calls=%fused_computation.1
+  ROOT %bitcast_fusion = f32[16,1]{1,0} fusion(%multiply_fusion), kind=kLoop, calls=%fused_computation, metadata={op_name="m"}
+}
+"""
+    copies = xl._bitcast_only_fusions(text)
+    assert copies == ["ROOT %bitcast_fusion = f32[16,1]{1,0} fusion(%multiply_fusion), "
+                      "kind=kLoop, calls=%fused_computation"]
+    assert xl._entry_ops(text) == ["fusion", "fusion"]
+    one = {"ms": 1.0, "ops": ["fusion", "dot"]}
+    r = {"library": "lib", "jax": "0", "machine": "cpu", "calls": 3,
+         "copy": {"ms": 1.0, "ops": ["fusion"], "copies": copies},
+         "single_pass": {"one": one, "three": one},
+         "bf16": {"float32": {"ms": 1.0, "temp_MB": 0.0, "history_sized_f32": []},
+                  "bfloat16": {"ms": 7.0, "temp_MB": 42.0, "history_sized_f32": ["%c = f32"]}},
+         "bandwidth": {"gemv_GBps": 20.0, "axpy_GBps": 30.0},
+         "passes": {"history products": 3.0, "combining pass": 4.0, "sum": 7.0, "adam": 1.0},
+         "faults": {"adam": {"faults_per_ordinary_call": 0, "temp_MB": 0.0}}}
+    md = xl.markdown(r)
+    assert "%bitcast_fusion" in md and "7.0x Adam's update" in md and "| bfloat16 | 7.00 |" in md

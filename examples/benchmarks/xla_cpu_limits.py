@@ -82,7 +82,8 @@ def _bitcast_only_fusions(text: str) -> list[str]:
                                  text):
         kinds = re.findall(r"= \S+ ([\w\-]+)\(", body)
         if kinds and set(kinds) <= {"parameter", "bitcast"}:
-            users = re.findall(r"\n  (%[\w.\-]+ = [^\n]*calls=" + re.escape(name) + r"\b)", text)
+            users = re.findall(r"\n  ((?:ROOT )?%[\w.\-]+ = [^\n]*calls=" + re.escape(name)
+                               + r"(?![\w.\-])[^\n]*)", text)
             out += [re.sub(r", metadata=\{.*", "", u) for u in users]
     return out
 
