@@ -112,15 +112,27 @@ def test_auto_packing_stacks_sharded_leaves_and_leaves_under_an_auto_mesh():
 
 def test_large_leaves_are_buckets_of_their_own(monkeypatch):
     """The largest leaves of OWN_BUCKET_SIZE+ numbers are (1, *shape) buckets: at most
-    MAX_OWN_BUCKETS of them, all of them with packing="leaves"; the rest row-packed."""
+    MAX_OWN_BUCKETS of them, all of them with packing="leaves"; with "auto" the other large
+    leaves are stacked by shape (at most MAX_LARGE_STACKS stacks), the small ones row-packed."""
     monkeypatch.setattr(_blocks, "OWN_BUCKET_SIZE", 6)
     monkeypatch.setattr(_blocks, "MAX_OWN_BUCKETS", 2)
     one = lambda *shape: np.ones(shape, np.float32)
     params = {"w0": one(2, 3), "w1": one(3, 3), "w2": one(2, 4), "b": one(5)}
     own = lambda lay: sorted(lay.shapes[b.leaves[0]] for b in lay.buckets
                              if b.starts is None and len(b.leaves) == 1)
+    rows = lambda lay: [sorted(lay.shapes[i] for i in b.leaves) for b in lay.buckets
+                        if b.starts is not None]
     auto = _blocks.make_layout(params, "leaf")
-    assert own(auto) == [(2, 4), (3, 3)]  # the two largest
+    # The two largest on their own; the other large leaf stacked by shape, not row-packed.
+    assert own(auto) == [(2, 3), (2, 4), (3, 3)] and rows(auto) == [[(5,)]]
+    monkeypatch.setattr(_blocks, "MAX_LARGE_STACKS", 0)
+    auto = _blocks.make_layout(params, "leaf")
+    assert own(auto) == [(2, 4), (3, 3)] and rows(auto) == [[(2, 3), (5,)]]
+    monkeypatch.setattr(_blocks, "MAX_LARGE_STACKS", 8)
+    params["w3"] = one(2, 3)  # two leaves of one shape: one stack of two
+    auto = _blocks.make_layout(params, "leaf")
+    assert sorted(len(b.leaves) for b in auto.buckets if b.starts is None) == [1, 1, 2]
+    del params["w3"]
     leaves = _blocks.make_layout(params, "leaf", "leaves")
     assert own(leaves) == [(2, 3), (2, 4), (3, 3)]
     assert [len(b.leaves) for b in leaves.buckets if b.starts is not None] == [1]  # b

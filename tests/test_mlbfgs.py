@@ -113,7 +113,8 @@ def test_blockwise_equals_each_block_alone():
 
 def test_row_and_stacked_packings_give_the_same_steps(monkeypatch):
     """The packing only stores the state: float64 directions agree to round-off (with
-    leaves of their own: every one with "leaves", the largest with "rows" and "stacked")."""
+    leaves of their own: every one with "leaves", the largest with the others; "auto"
+    stacks the other large leaf)."""
     monkeypatch.setattr(mlbfgs_optax._blocks, "OWN_BUCKET_SIZE", 15)
     monkeypatch.setattr(mlbfgs_optax._blocks, "MAX_OWN_BUCKETS", 1)
     rng = np.random.default_rng(2)
@@ -122,7 +123,7 @@ def test_row_and_stacked_packings_give_the_same_steps(monkeypatch):
                   "c": jnp.asarray(rng.normal(size=(3, 5)))}
         kw = dict(update_period=2, beta=0.5, memory_size=3, pair_warmup=0)
         out = {}
-        for packing in ("rows", "stacked", "leaves"):
+        for packing in ("rows", "stacked", "leaves", "auto"):
             opt = mlbfgs_optax.scale_by_mlbfgs(packing=packing, **kw)
             p, st = params, opt.init(params)
             for t in range(12):
@@ -134,6 +135,7 @@ def test_row_and_stacked_packings_give_the_same_steps(monkeypatch):
         for k in params:
             np.testing.assert_allclose(out["rows"][k], out["stacked"][k], rtol=1e-12)
             np.testing.assert_allclose(out["rows"][k], out["leaves"][k], rtol=1e-12)
+            np.testing.assert_allclose(out["rows"][k], out["auto"][k], rtol=1e-12)
 
 
 def test_label_blocks_and_callable_labels_agree():
