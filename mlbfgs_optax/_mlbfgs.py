@@ -234,12 +234,14 @@ def scale_by_mlbfgs(
         Auto-axis sharding: pass ``"stacked"`` for a state sharded like the
         params there. In these modes the 8 largest leaves of 65,536 or more
         numbers are each a ``(1, *shape)`` buffer of their own, read and
-        written in place (about 0.3-1 s of compile time each on CPU).
+        written in place (about 0.3-1 s of compile time each on CPU); with
+        ``"auto"`` the other leaves of that size are stacked by shape (at
+        most 8 stacks) rather than row-packed.
         ``"leaves"``: as ``"auto"``, but every leaf of 65,536 or more numbers
         a buffer of its own: for models with many such leaves, a faster step
         for a longer compile (measured on CPU only, GPT-2 small's 148 leaves
-        at width 256, memory 10: ordinary step 1.7x faster, update compile
-        4x longer; the benchmarks page has the table).
+        at width 256, memory 10: ordinary step 1.35x faster than ``"auto"``'s,
+        update compile 2x longer; the benchmarks page has the table).
         Ignored with :class:`~mlbfgs_optax.EqualSlices` (one flat buffer).
       momentum: :math:`\mu \in [0, 1)`: the output is the debiased EMA of
         the direction, :math:`m \leftarrow \mu m + (1-\mu) d`,

@@ -22,7 +22,7 @@ import hashlib
 import math
 import os
 import sysconfig
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
