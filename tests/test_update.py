@@ -135,9 +135,10 @@ def test_compiled_step_moves_no_history_sized_copy(packing):
     assert sum(len(b.leaves) == 1 for b in state.layout.buckets) >= 2
 
 
+# The momentum chain in the slow tier: its update had no such copy before either.
 @pytest.mark.parametrize("make", [
     lambda: mlbfgs_optax.scale_by_mlbfgs(),
-    lambda: mlbfgs_optax.mlbfgs(0.1),
+    pytest.param(lambda: mlbfgs_optax.mlbfgs(0.1), marks=pytest.mark.slow),
     lambda: mlbfgs_optax.scale_by_mlbfgs(**mlbfgs_optax.paper_defaults),
 ], ids=["scale_by_mlbfgs", "mlbfgs", "paper_defaults"])
 def test_large_leaves_are_updated_in_place(make):
