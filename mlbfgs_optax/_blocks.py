@@ -23,7 +23,8 @@ parameter leaves or blocks:
   shapes it has;
 * the largest leaves (:data:`MAX_OWN_BUCKETS` of at least :data:`OWN_BUCKET_SIZE`
   numbers; all of them with ``packing="leaves"``) are buckets of their own,
-  ``(1, *shape)``: packing them is a reshape;
+  ``(1, *shape)``: packing them is a reshape; with ``packing="auto"`` the other
+  large leaves are stacked by shape (at most :data:`MAX_LARGE_STACKS` stacks);
 * a *stacked* bucket holds the leaves of one shape and dtype, ``(k, *shape)``,
   one unit per leaf, sharded like them (``P(None, *spec)``) under every kind
   of mesh axis, so that nothing is resharded: the leaves that a mesh axis
@@ -521,7 +522,7 @@ def opaque_block_indices(layout: BlockLayout, pred: jax.Array):
     kernel that uses it, so the kernels of two same-shaped buckets of one
     leaf each (the large leaves) differ in that constant and are all compiled.
     At an index XLA cannot fold, they are the same kernels (measured: the
-    update of GPT-2 small's structure with its 51 large leaves in buckets of
+    update of GPT-2 small's structure with its 50 large leaves in buckets of
     their own, ``packing="leaves"``, compiled in 16.0 s instead of 19.3 s at
     M = 2, 18.7 s instead of 22.0 s at M = 10; the default packing's
     unchanged).
@@ -595,8 +596,8 @@ MAX_OWN_BUCKETS = 8
 MAX_LARGE_STACKS = 8
 
 
-def _member_groups(leaves: list, stacked: list[bool], max_own: Optional[int] = MAX_OWN_BUCKETS,
-                   large_stacks: int = 0) -> list[tuple[bool, list[int]]]:
+def _member_groups(leaves: list, stacked: list[bool], max_own: Optional[int],
+                   large_stacks: int) -> list[tuple[bool, list[int]]]:
     """The leaves of every bucket, ``(row_packed, members)``, in order of first leaf.
 
     The ``max_own`` (None: all) largest leaves of at least
@@ -688,8 +689,11 @@ def make_layout(params: Any, blocks: BlockSpec, packing: str = "auto") -> BlockL
       packing: ``"rows"`` (every leaf of one dtype in one row-packed bucket),
         ``"stacked"`` (the leaves of one shape and dtype stacked),
         ``"auto"`` (stacked for the leaves split over a mesh axis, as far as
-        ``params`` show it, and for every leaf under a mesh with Auto axes set
-        in context; rows for the rest) or ``"leaves"`` (as ``"auto"``, but
+        ``params`` show it, for every leaf under a mesh with Auto axes set
+        in context, and for the leaves of :data:`OWN_BUCKET_SIZE` or more
+        numbers beyond the buckets of their own, in at most
+        :data:`MAX_LARGE_STACKS` stacks; rows for the rest) or ``"leaves"``
+        (as ``"auto"``, but
         every leaf of :data:`OWN_BUCKET_SIZE` or more numbers a bucket of its
         own, not only the :data:`MAX_OWN_BUCKETS` largest); see
         :func:`~mlbfgs_optax.scale_by_mlbfgs`. Ignored for :class:`EqualSlices`.

@@ -193,7 +193,9 @@ def fused_direction(layout, opts: Options, h: Hyperparams, g, whiten, products_o
     matrices: :math:`d = D^{1/2} \kappa_b \tilde H_b q`, :math:`q = D^{1/2} g`,
     from ``products`` :math:`= (S^\top q, \hat Y^\top q, q^\top q)` of the
     current history, with the step bound's norm taken from inner products
-    instead of a pass over the direction. ``whiten()`` returns ``(q, root_d)``;
+    instead of a pass over the direction. ``g`` is the packed update (a bucket
+    of one leaf is combined from it in the leaf's shape, so that its update is
+    written in place: :func:`_direction.combine`). ``whiten()`` returns ``(q, root_d)``;
     every pass that needs :math:`q` calls it, so that XLA computes :math:`q`
     inside that pass instead of storing it. ``products_of(scale)``: the
     products of :math:`q` scaled per block (:func:`_direction.scaled_products`).

@@ -57,14 +57,20 @@ def _compiled(fn, *args):
     return jax.jit(fn).lower(*args).compile()
 
 
-def _best_ms(compiled, args, calls: int) -> float:
-    jax.block_until_ready(compiled(*args))
-    best = float("inf")
+def _time_ms(fn, make_args, calls: int, stat=min) -> float:
+    """``stat`` of ``calls`` timed calls ``fn(*make_args())`` in ms, after one untimed call.
+
+    The arguments are made anew, untimed, before every call (so a function that
+    donates them gets fresh ones).
+    """
+    jax.block_until_ready(fn(*make_args()))
+    times = []
     for _ in range(calls):
+        args = jax.block_until_ready(make_args())
         t = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(stat(times)) * 1e3
 
 
 def _entry_ops(text: str) -> list[str]:
@@ -100,7 +106,7 @@ def probe_copy(calls: int) -> dict:
 
     c = _compiled(products, s, y, g, nu)
     text = c.as_text()
-    return {"ms": _best_ms(c, (s, y, g, nu), calls), "ops": _entry_ops(text),
+    return {"ms": _time_ms(c, lambda: (s, y, g, nu), calls), "ops": _entry_ops(text),
             "copies": _bitcast_only_fusions(text)}
 
 
@@ -116,7 +122,7 @@ def probe_single_pass(calls: int) -> dict:
     out = {}
     for name, fn in variants.items():
         c = _compiled(fn, h, v)
-        out[name] = {"ms": _best_ms(c, (h, v), calls), "ops": _entry_ops(c.as_text())}
+        out[name] = {"ms": _time_ms(c, lambda: (h, v), calls), "ops": _entry_ops(c.as_text())}
     return out
 
 
@@ -134,7 +140,7 @@ def probe_bf16(calls: int) -> dict:
                     if re.search(rf"f32\[{M},{N}\]", line) and "fusion(" in line]
         mem = c.memory_analysis()
         out[jnp.dtype(dtype).name] = {
-            "ms": _best_ms(c, (h, q), calls), "ops": _entry_ops(text),
+            "ms": _time_ms(c, lambda: (h, q), calls), "ops": _entry_ops(text),
             "history_sized_f32": converts,
             "temp_MB": None if mem is None else mem.temp_size_in_bytes / 1e6}
     return out
@@ -146,13 +152,8 @@ def probe_bandwidth(calls: int) -> dict:
     h = jax.random.normal(key, (M, N))
     q = jax.random.normal(key, (N,))
     gemv = _compiled(lambda h, q: h @ q, h, q)
-    jax.block_until_ready(gemv(h, q))
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        jax.block_until_ready(gemv(h, q))
-        times.append(time.perf_counter() - t)
-    return {"gemv_GBps": 4 * M * N / float(np.median(times)) / 1e9,
+    ms = _time_ms(gemv, lambda: (h, q), calls, np.median)
+    return {"gemv_GBps": 4 * M * N / ms / 1e6,
             "axpy_GBps": harness.measure_bandwidth(repeats=calls) / 1e9}
 
 
@@ -187,24 +188,15 @@ def probe_passes(calls: int) -> dict:
                                     (0.9 * m + 0.1 * g) / (jnp.sqrt(0.99 * v + 0.01 * g * g)
                                                           + 1e-8)), donate_argnums=(0, 1, 2))
 
-    def timed(fn, make):
-        best = float("inf")
-        for _ in range(calls + 1):
-            args = jax.block_until_ready(make())
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            best = min(best, time.perf_counter() - t)
-        return best * 1e3
-
     fresh = lambda x: x + 0.0
     out = {
-        "history products": _best_ms(products, (s, y, g), calls),
-        "combining pass": timed(comb, lambda: (fresh(g), s, y, r, c)),
-        "averages and second moment": timed(rest, lambda: (fresh(a1), fresh(a2), fresh(nu),
-                                                           g, theta)),
+        "history products": _time_ms(products, lambda: (s, y, g), calls),
+        "combining pass": _time_ms(comb, lambda: (fresh(g), s, y, r, c), calls),
+        "averages and second moment": _time_ms(
+            rest, lambda: (fresh(a1), fresh(a2), fresh(nu), g, theta), calls),
     }
     out["sum"] = sum(out.values())
-    out["adam"] = timed(adam, lambda: (fresh(g), fresh(a1), fresh(nu)))
+    out["adam"] = _time_ms(adam, lambda: (fresh(g), fresh(a1), fresh(nu)), calls)
     return out
 
 
