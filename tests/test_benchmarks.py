@@ -446,7 +446,9 @@ ENTRY %main (x: f32[4,4]) -> f32[16,1] {
     assert xl._entry_ops(text) == ["fusion", "fusion"]
     one = {"ms": 1.0, "ops": ["fusion", "dot"]}
     r = {"library": "lib", "jax": "0", "machine": "cpu", "calls": 3,
-         "copy": {"ms": 1.0, "ops": ["fusion"], "copies": copies},
+         "copy": {"products": {"ms": 1.0, "ops": ["fusion"], "temp_MB": 4.2, "copies": []},
+                  "products and norm": {"ms": 2.0, "ops": ["fusion"], "temp_MB": 8.4,
+                                        "copies": copies}},
          "single_pass": {"one": one, "three": one},
          "bf16": {"float32": {"ms": 1.0, "temp_MB": 0.0, "history_sized_f32": []},
                   "bfloat16": {"ms": 7.0, "temp_MB": 42.0, "history_sized_f32": ["%c = f32"]}},
@@ -455,3 +457,4 @@ ENTRY %main (x: f32[4,4]) -> f32[16,1] {
          "faults": {"adam": {"faults_per_ordinary_call": 0, "temp_MB": 0.0}}}
     md = xl.markdown(r)
     assert "%bitcast_fusion" in md and "7.0x Adam's update" in md and "| bfloat16 | 7.00 |" in md
+    assert "| products | 1.00 | 4.2 | 0 |" in md and "| products and norm | 2.00 | 8.4 | 1 |" in md
