@@ -30,7 +30,8 @@ the least of ``--calls`` calls and shown with the lines of the compiled HLO that
 6. **fresh temporaries**: minor page faults per call of the compiled update of
    :func:`mlbfgs_optax.scale_by_mlbfgs` (M = 10) and of ``optax.adam`` on the ``mlp``
    pytree, with the update's temporary bytes: XLA:CPU allocates the temporaries anew on
-   every call (above 32 MB, fresh pages from the kernel), Adam has none.
+   every call (above 32 MB, fresh pages from the kernel), Adam has none; and one small
+   program at 16.8 and 33.5 MB of temporaries, on either side of that size.
 
 Writes ``xla_cpu_limits.{json,md}`` to ``--out`` (default ``examples/benchmarks/results``).
 """
@@ -252,6 +253,24 @@ def probe_faults(calls: int) -> dict:
     return out
 
 
+def probe_temp_sizes(calls: int) -> list[dict]:
+    """Minor page faults per call of one small program at two sizes of its temporaries."""
+    out = []
+    for n in (1 << 21, 1 << 22):  # 16.8 and 33.5 MB of temporaries
+        h, x = jnp.ones((2, n)), jnp.ones((n,))
+        c = _compiled(lambda h, x: (h @ jnp.sin(x), jnp.sum(jnp.sin(x) ** 2)), h, x)
+        for _ in range(3):
+            jax.block_until_ready(c(h, x))
+        faults = []
+        for _ in range(calls):
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            jax.block_until_ready(c(h, x))
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        out.append({"temp_MB": c.memory_analysis().temp_size_in_bytes / 1e6,
+                    "faults_per_call": sorted(faults)[len(faults) // 2]})
+    return out
+
+
 def markdown(r: dict) -> str:
     copy, single, bf16, bw, faults = (r[k] for k in ("copy", "single_pass", "bf16",
                                                       "bandwidth", "faults"))
@@ -308,6 +327,10 @@ def markdown(r: dict) -> str:
         *[f"| {k} | {v['faults_per_ordinary_call']} | {v['temp_MB']:.1f} |"
           for k, v in faults.items()],
         "",
+        "One small program (a matrix-vector product and a reduction of `sin(x)`) at two "
+        "sizes: " + "; ".join(f"{t['temp_MB']:.1f} MB of temporaries, {t['faults_per_call']} "
+                               "minor page faults per call" for t in r["temp_sizes"]) + ".",
+        "",
     ]
     return "\n".join(lines)
 
@@ -321,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> None:
          "machine": harness.machine(), "calls": args.calls,
          "copy": probe_copy(args.calls), "single_pass": probe_single_pass(args.calls),
          "bf16": probe_bf16(args.calls), "bandwidth": probe_bandwidth(args.calls),
-         "passes": probe_passes(args.calls), "faults": probe_faults(args.calls)}
+         "passes": probe_passes(args.calls), "faults": probe_faults(args.calls),
+         "temp_sizes": probe_temp_sizes(args.calls)}
     text = markdown(r)
     harness.write_report(args.out, "xla_cpu_limits", r, text)
     print(text)
