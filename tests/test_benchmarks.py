@@ -456,8 +456,8 @@ ENTRY %main (x: f32[4,4]) -> f32[16,1] {
          "passes": {"history products": 3.0, "combining pass": 4.0, "sum": 7.0, "adam": 1.0},
          "faults": {"adam": {"faults_per_ordinary_call": 0, "temp_MB": 0.0}},
          "temp_sizes": [{"temp_MB": 16.8, "faults_per_call": 0},
-                        {"temp_MB": 33.5, "faults_per_call": 8193}]}
+                        {"temp_MB": 67.1, "faults_per_call": 16385}]}
     md = xl.markdown(r)
     assert "%bitcast_fusion" in md and "7.0x Adam's update" in md and "| bfloat16 | 7.00 |" in md
     assert "| products | 1.00 | 4.2 | 0 |" in md and "| products and norm | 2.00 | 8.4 | 1 |" in md
-    assert "33.5 MB of temporaries, 8193 minor page faults per call." in md
+    assert "67.1 MB of temporaries, 16385 minor page faults per call." in md

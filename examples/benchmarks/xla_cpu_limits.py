@@ -30,8 +30,8 @@ the least of ``--calls`` calls and shown with the lines of the compiled HLO that
 6. **fresh temporaries**: minor page faults per call of the compiled update of
    :func:`mlbfgs_optax.scale_by_mlbfgs` (M = 10) and of ``optax.adam`` on the ``mlp``
    pytree, with the update's temporary bytes: XLA:CPU allocates the temporaries anew on
-   every call (above 32 MB, fresh pages from the kernel), Adam has none; and one small
-   program at 16.8 and 33.5 MB of temporaries, on either side of that size.
+   every call (above 32 MiB, fresh pages from the kernel), Adam has none; and one small
+   program at 16.8 and 67.1 MB of temporaries, on either side of that size.
 
 Writes ``xla_cpu_limits.{json,md}`` to ``--out`` (default ``examples/benchmarks/results``).
 """
@@ -256,7 +256,7 @@ def probe_faults(calls: int) -> dict:
 def probe_temp_sizes(calls: int) -> list[dict]:
     """Minor page faults per call of one small program at two sizes of its temporaries."""
     out = []
-    for n in (1 << 21, 1 << 22):  # 16.8 and 33.5 MB of temporaries
+    for n in (1 << 21, 1 << 23):  # 16.8 and 67.1 MB of temporaries
         h, x = jnp.ones((2, n)), jnp.ones((n,))
         c = _compiled(lambda h, x: (h @ jnp.sin(x), jnp.sum(jnp.sin(x) ** 2)), h, x)
         for _ in range(3):
