@@ -153,3 +153,27 @@ def test_bad_block_specs():
         _blocks.make_layout({}, "leaf")
     with pytest.raises(ValueError, match="floating"):
         _blocks.make_layout({"i": jnp.zeros(3, jnp.int32)}, "leaf")
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 64, 32), (4, 4, 1024), (2, 4, 3, 3, 8)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_history_products_of_narrow_histories(shape, dtype):
+    """A history's products equal those of its float64 upcast. A bfloat16 history is
+    read as it is on CPU (no float32 copy of it in the compiled program, which the
+    mixed-precision product makes) and lowers to the product on GPU and TPU; other
+    dtypes are products everywhere."""
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=shape), dtype)
+    v = jnp.asarray(rng.normal(size=shape[:1] + shape[2:]), jnp.float32)
+    fn = lambda h, v: _blocks._history_matvec(h, v, jnp.float32)  # noqa: E731
+    h64, v64 = np.asarray(h, np.float64), np.asarray(v, np.float64)
+    expect = np.einsum("umn,un->um", h64.reshape(shape[:2] + (-1,)), v64.reshape(shape[0], -1))
+    np.testing.assert_allclose(jax.jit(fn)(h, v), expect, rtol=1e-5, atol=1e-4)
+    traced = jax.jit(fn).trace(h, v)
+    for platform in ("cuda", "tpu"):
+        assert "dot_general" in traced.lower(lowering_platforms=(platform,)).as_text()
+    on_cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    assert ("dot_general" in on_cpu) == (dtype != jnp.bfloat16)
+    if dtype == jnp.bfloat16:
+        compiled = jax.jit(fn).lower(h, v).compile()
+        assert compiled.memory_analysis().temp_size_in_bytes < h.size * 4
