@@ -22,7 +22,9 @@ the least of ``--calls`` calls and shown with the lines of the compiled HLO that
    product at the speed of one matrix-vector product.
 3. **bfloat16 products**: the matrix-vector product of a bfloat16 history against a
    float32 one: XLA:CPU converts the history to float32 first (a history-sized
-   temporary), so the narrower history moves more bytes, not fewer.
+   temporary), so the narrower history moves more bytes, not fewer. The library reads
+   a bfloat16 history on CPU by a multiply-reduce instead (no temporary), which is
+   faster than that but slower than the float32 product.
 4. **bandwidth of the products**: the matrix-vector product against ``y = a * x + y``
    in GB/s (medians).
 5. **the ordinary step's passes alone**: the history products, the combining pass and
@@ -52,6 +54,7 @@ import optax
 
 import mlbfgs_optax
 from examples.benchmarks import harness
+from mlbfgs_optax import _blocks
 
 M = 10
 SIDE = 1024
@@ -151,19 +154,25 @@ def probe_single_pass(calls: int) -> dict:
 
 
 def probe_bf16(calls: int) -> dict:
+    """The history products in float32, and of a bfloat16 history: XLA's mixed product, the library's."""
     key = jax.random.key(2)
     q = jax.random.normal(key, (N,))
+    product = lambda h, q: jnp.einsum("mn,n->m", h, q, preferred_element_type=jnp.float32)
+    # The library's products on a bfloat16 history (a leaf of its own, (units, M, ...)).
+    library = lambda h, q: _blocks._history_matvec(h.reshape(1, M, SIDE, SIDE),
+                                                   q.reshape(1, SIDE, SIDE), jnp.float32)
     out = {}
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for name, dtype, fn in (("float32", jnp.float32, product),
+                            ("bfloat16, mixed-precision product", jnp.bfloat16, product),
+                            ("bfloat16, the library's multiply-reduce", jnp.bfloat16, library)):
         h = jax.random.normal(key, (M, N)).astype(dtype)
-        fn = lambda h, q: jnp.einsum("mn,n->m", h, q, preferred_element_type=jnp.float32)
         c = _compiled(fn, h, q)
         text = c.as_text()
         converts = [re.sub(r", metadata=\{.*", "", line.strip())
                     for line in text.split("\nENTRY")[1].split("\n")
                     if re.search(rf"f32\[{M},{N}\]", line) and "fusion(" in line]
         mem = c.memory_analysis()
-        out[jnp.dtype(dtype).name] = {
+        out[name] = {
             "ms": _time_ms(c, lambda: (h, q), calls), "ops": _entry_ops(text),
             "history_sized_f32": converts,
             "temp_MB": None if mem is None else mem.temp_size_in_bytes / 1e6}
@@ -301,7 +310,7 @@ def markdown(r: dict) -> str:
         "",
         "## 3. bfloat16 history",
         "",
-        "| history dtype | ms | temporaries MB | history-sized float32 buffers |",
+        "| history and its products | ms | temporaries MB | history-sized float32 buffers |",
         "|---|---|---|---|",
         *[f"| {k} | {v['ms']:.2f} | {v['temp_MB']:.1f} | {'; '.join(v['history_sized_f32']) or '-'} |"
           for k, v in bf16.items()],
