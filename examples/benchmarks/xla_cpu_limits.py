@@ -158,14 +158,18 @@ def probe_bf16(calls: int) -> dict:
     key = jax.random.key(2)
     q = jax.random.normal(key, (N,))
     product = lambda h, q: jnp.einsum("mn,n->m", h, q, preferred_element_type=jnp.float32)
-    # The library's products on a bfloat16 history (a leaf of its own, (units, M, ...)).
-    library = lambda h, q: _blocks._history_matvec(h.reshape(1, M, SIDE, SIDE),
-                                                   q.reshape(1, SIDE, SIDE), jnp.float32)
+    # The library's products of a bfloat16 history stored for a leaf of its own,
+    # (units, M, *shape): given in that shape (reshaped inside the program, the same
+    # reduction compiled to a kernel several times slower).
+    library = lambda h, q: _blocks._history_matvec(h, q, jnp.float32)
     out = {}
-    for name, dtype, fn in (("float32", jnp.float32, product),
-                            ("bfloat16, mixed-precision product", jnp.bfloat16, product),
-                            ("bfloat16, the library's multiply-reduce", jnp.bfloat16, library)):
-        h = jax.random.normal(key, (M, N)).astype(dtype)
+    for name, dtype, fn, shape in (
+            ("float32", jnp.float32, product, (M, N)),
+            ("bfloat16, mixed-precision product", jnp.bfloat16, product, (M, N)),
+            ("bfloat16, the library's multiply-reduce", jnp.bfloat16, library,
+             (1, M, SIDE, SIDE))):
+        h = jax.random.normal(key, (M, N)).astype(dtype).reshape(shape)
+        q = q.reshape((N,) if len(shape) == 2 else (1, SIDE, SIDE))
         c = _compiled(fn, h, q)
         text = c.as_text()
         converts = [re.sub(r", metadata=\{.*", "", line.strip())
