@@ -408,8 +408,9 @@ class BlockLayout:
 
         The history is unit-major, ``(U, M, ...)``: a batched matrix-vector
         product over the leading unit axis reads it once, in place (no
-        transpose); a bfloat16 history as :func:`_history_matvec` says. With a sharded unit shape, a multiply-reduce, whose result is
-        replicated without asking.
+        transpose); a bfloat16 history as :func:`_history_matvec` says. With a
+        sharded unit shape, a multiply-reduce, whose result is replicated
+        without asking.
         """
         if _partitioned(x) is None:
             return _history_matvec(h, x.astype(dtype), dtype)

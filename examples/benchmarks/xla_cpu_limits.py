@@ -154,7 +154,7 @@ def probe_single_pass(calls: int) -> dict:
 
 
 def probe_bf16(calls: int) -> dict:
-    """The history products in float32, and of a bfloat16 history: XLA's mixed product, the library's."""
+    """The history products in float32; of a bfloat16 history, XLA's and the library's."""
     key = jax.random.key(2)
     q = jax.random.normal(key, (N,))
     product = lambda h, q: jnp.einsum("mn,n->m", h, q, preferred_element_type=jnp.float32)
