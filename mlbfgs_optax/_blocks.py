@@ -435,9 +435,7 @@ class BlockLayout:
             for out, history in zip(parts, histories):
                 h = history[j]
                 if plain:
-                    out.append(jnp.stack([jnp.einsum("um...,u...->um", h.astype(dtype), v,
-                                                     preferred_element_type=dtype)
-                                          for v in vj], axis=-1))
+                    out.append(jnp.stack([_batched_matvec(h, v, dtype) for v in vj], axis=-1))
                 else:
                     out.append(jnp.stack([_multiply_reduce(h, v[:, None], dtype)
                                           for v in vj], axis=-1))
@@ -509,13 +507,16 @@ def _history_matvec(h: jax.Array, v: jax.Array, dtype) -> jax.Array:
     history against several vectors stay products: as multiply-reduces XLA:CPU
     wrote each vector broadcast to the history's full shape.
     """
-    def product(h, v):
-        return jnp.einsum("um...,u...->um", h.astype(dtype), v, preferred_element_type=dtype)
-
     if h.dtype != jnp.bfloat16:
-        return product(h, v)
+        return _batched_matvec(h, v, dtype)
     return jax.lax.platform_dependent(
-        h, v, cpu=lambda h, v: _multiply_reduce(h, v[:, None], dtype), default=product)
+        h, v, cpu=lambda h, v: _multiply_reduce(h, v[:, None], dtype),
+        default=lambda h, v: _batched_matvec(h, v, dtype))
+
+
+def _batched_matvec(h: jax.Array, v: jax.Array, dtype) -> jax.Array:
+    """``<h[u, m], v[u]>``, ``(U, M)``: one batched matrix-vector product in ``dtype``."""
+    return jnp.einsum("um...,u...->um", h.astype(dtype), v, preferred_element_type=dtype)
 
 
 def _multiply_reduce(h: jax.Array, v: jax.Array, dtype) -> jax.Array:
