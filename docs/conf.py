@@ -51,7 +51,7 @@ autodoc_default_options = {"exclude-members": "__init__, __new__"}
 # Show the aliases the signatures are written with, not their expanded unions.
 autodoc_type_aliases = {
     "optax.ScalarOrSchedule": "optax.ScalarOrSchedule",
-    "_blocks.BlockSpec": "BlockSpec",
+    "_layout.BlockSpec": "BlockSpec",
     "BlockSpec": "BlockSpec",
     "jax.Array": "jax.Array",
 }

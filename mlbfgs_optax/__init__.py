@@ -4,9 +4,9 @@ Niu et al., `mL-BFGS: A Momentum-based L-BFGS for Distributed Large-scale
 Neural Network Optimization <https://arxiv.org/abs/2307.13744>`_, TMLR 2023.
 """
 
-from mlbfgs_optax._blocks import BlockLayout as BlockLayout
-from mlbfgs_optax._blocks import EqualSlices as EqualSlices
-from mlbfgs_optax._blocks import make_layout as make_layout
+from mlbfgs_optax._layout import BlockLayout as BlockLayout
+from mlbfgs_optax._layout import EqualSlices as EqualSlices
+from mlbfgs_optax._layout import make_layout as make_layout
 from mlbfgs_optax._diagnostics import curvature_stats as curvature_stats
 from mlbfgs_optax._diagnostics import find_mlbfgs_state as find_mlbfgs_state
 from mlbfgs_optax._damping import damping_weight as damping_weight

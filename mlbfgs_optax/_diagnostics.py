@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mlbfgs_optax import _blocks
+from mlbfgs_optax import _layout
 from mlbfgs_optax._state import ScaleByMLBFGSState
 
 
@@ -63,7 +63,7 @@ def curvature_stats(opt_state: Any, params: Any = None, blocks: Any = "leaf") ->
     st = find_mlbfgs_state(opt_state)
     b = int(st.gamma.shape[0])
     if params is not None:
-        names = list(_blocks.make_layout(params, blocks).block_names)
+        names = list(_layout.make_layout(params, blocks).block_names)
     else:
         names = [f"block{i}" for i in range(b)]
     get = lambda x: np.asarray(jax.device_get(x))

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mlbfgs_optax import _blocks
+from mlbfgs_optax import _layout
+from mlbfgs_optax import _packing
 from mlbfgs_optax import _state
 from mlbfgs_optax._state import ScaleByMLBFGSState
 
@@ -57,7 +58,7 @@ Step = Callable[..., tuple[list, ScaleByMLBFGSState]]
 def zeros_like_bucket(x, shape: tuple, dtype) -> jax.Array:
     """Zeros of ``shape`` for a stacked bucket whose first parameter leaf is ``x``:
     placed like ``x`` behind the unsharded leading axes (``P(None, ..., *spec)``)."""
-    s = _blocks.param_sharding(x)
+    s = _packing.param_sharding(x)
     if s is None:
         return jnp.zeros(shape, dtype)
     if isinstance(x, jax.core.Tracer):
@@ -82,11 +83,11 @@ class Placement:
     unsplit leaves and are replicated.
     """
 
-    def rows(self, layout: _blocks.BlockLayout) -> int:
+    def rows(self, layout: _layout.BlockLayout) -> int:
         """The number of blocks whose state this call holds."""
         return layout.num_blocks
 
-    def init(self, layout: _blocks.BlockLayout, zeros: Callable, params=None) -> ScaleByMLBFGSState:
+    def init(self, layout: _layout.BlockLayout, zeros: Callable, params=None) -> ScaleByMLBFGSState:
         """The initial state; ``zeros(layout, make)`` builds it for a layout.
 
         ``make(j, shape, dtype)`` creates packed array ``j`` of a params-shaped
@@ -95,7 +96,7 @@ class Placement:
         if params is None or layout.slice_size is not None:
             return zeros(layout, None)
         leaves = layout.treedef.flatten_up_to(params)
-        meshes = [s.mesh for s in map(_blocks.param_sharding, leaves)
+        meshes = [s.mesh for s in map(_packing.param_sharding, leaves)
                   if isinstance(s, NamedSharding) and not isinstance(leaves[0], jax.core.Tracer)]
         # The scalars, the per-block fields and the row-packed buckets (which hold
         # no partitioned leaf) live replicated on the params' mesh (not on one
@@ -230,7 +231,7 @@ def make_placement(axis_name: Optional[str], mesh, blocks) -> Placement:
             f"scale_by_mlbfgs: axis_name={axis_name!r} is invalid; expected one of the "
             f"mesh's axes {mesh.axis_names} when mesh is given."
         )
-    if not isinstance(blocks, _blocks.EqualSlices):
+    if not isinstance(blocks, _layout.EqualSlices):
         raise ValueError(
             f"scale_by_mlbfgs: blocks={blocks!r} is invalid with mesh; expected "
             "EqualSlices(num_blocks), whose blocks can be sharded."

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import jax
 import optax
 
-from mlbfgs_optax import _blocks
+from mlbfgs_optax import _layout
 from mlbfgs_optax import _options
 from mlbfgs_optax import _update
 
@@ -31,7 +31,7 @@ def scale_by_mlbfgs(
     pair_momentum: float = 0.0,
     refresh_grad_average: bool = False,
     normalize: bool = False,
-    blocks: _blocks.BlockSpec = "leaf",
+    blocks: _layout.BlockSpec = "leaf",
     *,
     sigma_yy: Optional[float] = None,
     cache_gram: bool = True,
@@ -312,7 +312,7 @@ def mlbfgs(
     pair_momentum: float = 0.0,
     refresh_grad_average: bool = False,
     normalize: bool = False,
-    blocks: _blocks.BlockSpec = "leaf",
+    blocks: _layout.BlockSpec = "leaf",
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
     momentum: Optional[float] = 0.9,

@@ -15,7 +15,7 @@ from typing import Any
 
 import optax
 
-from mlbfgs_optax import _blocks
+from mlbfgs_optax import _layout
 from mlbfgs_optax import _mlbfgs
 
 #: The keyword arguments of :func:`~mlbfgs_optax.scale_by_mlbfgs` that switch
@@ -43,7 +43,7 @@ paper_defaults = types.MappingProxyType({
 
 def authors_recipe(
     learning_rate: optax.ScalarOrSchedule,
-    blocks: _blocks.BlockSpec = "leaf",
+    blocks: _layout.BlockSpec = "leaf",
     weight_decay: float = 2e-4,
     momentum: float = 0.9,
     **kwargs: Any,

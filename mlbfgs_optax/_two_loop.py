@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mlbfgs_optax import _blocks
+from mlbfgs_optax import _layout
 from mlbfgs_optax._numerics import accumulation_dtype, power_of_two_near
 
 
@@ -39,7 +39,7 @@ def _rescaled(layout, updates, acc):
 
 
 def blockwise_two_loop(
-    layout: _blocks.BlockLayout,
+    layout: _layout.BlockLayout,
     updates: list[jax.Array],
     s_history: list[jax.Array],
     y_history: list[jax.Array],
@@ -145,7 +145,7 @@ def two_loop_recursion(
     References:
       Nocedal & Wright, *Numerical Optimization*, 2nd ed., Algorithm 7.4.
     """
-    layout = _blocks.make_layout(updates, "all")
+    layout = _layout.make_layout(updates, "all")
     d = blockwise_two_loop(
         layout,
         layout.pack(updates),
@@ -159,7 +159,7 @@ def two_loop_recursion(
 
 
 def blockwise_two_loop_gram(
-    layout: _blocks.BlockLayout,
+    layout: _layout.BlockLayout,
     updates: list[jax.Array],
     s_history: list[jax.Array],
     y_history: list[jax.Array],

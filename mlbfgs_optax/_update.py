@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mlbfgs_optax import _blocks
+from mlbfgs_optax import _block_ops
 from mlbfgs_optax import _direction
+from mlbfgs_optax import _layout
 from mlbfgs_optax import _metric
 from mlbfgs_optax import _numerics
 from mlbfgs_optax import _pairs
@@ -70,7 +71,7 @@ def init(opts: Options, params: Any) -> ScaleByMLBFGSState:
         if opts.metric != "adam":
             state = state._replace(nu=None)
         return state if opts.momentum else state._replace(direction_avg=None)
-    layout = _blocks.make_layout(params, opts.blocks, opts.packing)
+    layout = _layout.make_layout(params, opts.blocks, opts.packing)
     zeros = lambda lay, make: _state.zeros_state(lay, opts.memory_size, opts.cache_gram,
                                                  state_dtypes(opts, lay), make,
                                                  metric=opts.metric == "adam",
@@ -228,7 +229,7 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
     Hessian-vector product for ``curvature="hessian_vector"``, else None.
     """
     # ``count`` never falls below 0 (it saturates), but XLA cannot know it.
-    with _blocks.opaque_block_indices(layout, state.count >= 0):
+    with _block_ops.opaque_block_indices(layout, state.count >= 0):
         return _local_step(opts, h, layout, g, theta, state, finite, coll, hvp)
 
 
@@ -393,7 +394,7 @@ def update(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
 
 def check_structure(opts: Options, updates, state: ScaleByMLBFGSState, params) -> None:
     """Raises a ValueError when updates, state and params do not fit together."""
-    if not isinstance(state.layout, _blocks.BlockLayout):
+    if not isinstance(state.layout, _layout.BlockLayout):
         raise ValueError(
             "scale_by_mlbfgs: the state holds no block layout; was it made by this "
             "optimizer's init?")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mlbfgs_optax
-from mlbfgs_optax import _blocks, _direction, _two_loop
+from mlbfgs_optax import _direction, _layout, _two_loop
 from tests.helpers import damp
 
 
@@ -42,7 +42,7 @@ def test_coefficients_and_combine_equal_scan_two_loop(memory, blocks):
     and, beyond MAX_UNROLLED_MEMORY, contracted) equals the scan two-loop."""
     rng = np.random.default_rng(memory)
     n = 17
-    layout = _blocks.make_layout(np.zeros(n), blocks)
+    layout = _layout.make_layout(np.zeros(n), blocks)
     newest, num_pairs = 1, min(memory, 5)
     s, y, rho = _history(rng, layout, memory, num_pairs, newest)
     s_hist = layout.pack_history(jnp.asarray(s))
@@ -70,7 +70,7 @@ def test_coefficients_and_combine_equal_scan_two_loop(memory, blocks):
 def test_safe_products_rescale_only_out_of_range():
     """q^T q in range: the products as taken and c = 1; q of 1e200 (q^T q overflows): retaken
     of q / c with c a power of two near max|q|, and the direction's coefficients scale back."""
-    layout = _blocks.make_layout(jnp.zeros(4), "all")
+    layout = _layout.make_layout(jnp.zeros(4), "all")
     s_hist = layout.pack_history(jnp.asarray([[1.0, 2.0, 0.0, 1.0]]))
     y_hist = layout.pack_history(jnp.asarray([[2.0, 1.0, 1.0, 0.0]]))
     one = jnp.ones(1, jnp.float64)

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import mlbfgs_optax
-from mlbfgs_optax import _blocks
+from mlbfgs_optax import _packing
 from tests.authors_reference import AuthorsBlockSlimQN
 
 # The paper's H_0 = gamma I without the library's step bound and round-off test
@@ -115,8 +115,8 @@ def test_row_and_stacked_packings_give_the_same_steps(monkeypatch):
     """The packing only stores the state: float64 directions agree to round-off (with
     leaves of their own: every one with "leaves", the largest with the others; "auto"
     stacks the other large leaf)."""
-    monkeypatch.setattr(mlbfgs_optax._blocks, "OWN_BUCKET_SIZE", 15)
-    monkeypatch.setattr(mlbfgs_optax._blocks, "MAX_OWN_BUCKETS", 1)
+    monkeypatch.setattr(mlbfgs_optax._layout, "OWN_BUCKET_SIZE", 15)
+    monkeypatch.setattr(mlbfgs_optax._layout, "MAX_OWN_BUCKETS", 1)
     rng = np.random.default_rng(2)
     with jax.enable_x64(True):
         params = {"a": jnp.asarray(rng.normal(size=(3, 5))), "b": jnp.asarray(rng.normal(size=5)),
@@ -334,7 +334,7 @@ def test_state_size_bound():
     for m in (1, 5, 10):
         st = mlbfgs_optax.scale_by_mlbfgs(memory_size=m).init(params)
         n = sum(x.size for x in st.params_avg)
-        assert 3030 <= n <= 3030 / (1 - _blocks.MAX_PADDING)
+        assert 3030 <= n <= 3030 / (1 - _packing.MAX_PADDING)
         big = sum(x.size for x in jax.tree.leaves(
             (st.params_avg, st.grads_avg, st.params_snapshot, st.grads_snapshot,
              st.s_history, st.y_history)))

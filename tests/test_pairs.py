@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlbfgs_optax import _blocks, _options, _pairs, _state
+from mlbfgs_optax import _layout, _options, _pairs, _state
 from tests.helpers import damp as np_damp
 
 M = 3
@@ -21,7 +21,7 @@ def _setup(blocks="leaf", seed=0, **kw):
     """Two leaves, a state with random averages/snapshots/history, and hyperparameters."""
     rng = np.random.default_rng(seed)
     params = {"a": np.zeros((2, 3)), "b": np.zeros(4)}
-    layout = _blocks.make_layout(params, blocks)
+    layout = _layout.make_layout(params, blocks)
     args = dict(memory_size=M, update_period=2, beta=0.9, sigma_low=0.5, sigma_high=1.5,
                 tau_max=1.0, pair_momentum=0.0, refresh_grad_average=False, normalize=False,
                 blocks=blocks, sigma_yy=None, cache_gram=True, bias_correction=True,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import mlbfgs_optax
-from mlbfgs_optax import _blocks, _state
+from mlbfgs_optax import _layout, _state
 
 PARAMS = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
 
@@ -20,7 +20,7 @@ def test_table_lists_every_field_in_order():
 
 @pytest.mark.parametrize("blocks", ["leaf", "all", mlbfgs_optax.EqualSlices(4)])
 def test_zeros_state_shapes_follow_the_table(blocks):
-    layout = _blocks.make_layout(PARAMS, blocks)
+    layout = _layout.make_layout(PARAMS, blocks)
     m = 3
     st = _state.zeros_state(layout, m, True, _state.dtypes(layout), metric=True,
                             momentum=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mlbfgs_optax
-from mlbfgs_optax import _blocks, _two_loop
+from mlbfgs_optax import _layout, _two_loop
 from tests.helpers import damp, dense_bfgs_inverse
 
 
@@ -98,7 +98,7 @@ def test_blockwise_equals_each_block_alone():
     """Two blocks with their own histories = two independent two-loops."""
     rng = np.random.default_rng(2)
     params = {"u": np.zeros(4), "v": np.zeros(3)}  # float64 leaves
-    layout = _blocks.make_layout(params, "leaf")
+    layout = _layout.make_layout(params, "leaf")
     memory = 3
     pairs_u, pairs_v = _random_pairs(rng, 4, 2), _random_pairs(rng, 3, 3)
     su, yu, ru = _ring(pairs_u, memory, 0)
@@ -119,7 +119,7 @@ def test_equal_slices_rows_are_blocks():
     """Row segments (EqualSlices) run one recursion per row, with per-row slots."""
     rng = np.random.default_rng(3)
     params = {"w": jnp.zeros((2, 5)), "b": jnp.zeros(2)}  # 12 numbers -> 3 rows of 4
-    layout = _blocks.make_layout(params, mlbfgs_optax.EqualSlices(3))
+    layout = _layout.make_layout(params, mlbfgs_optax.EqualSlices(3))
     memory = 2
     rows = [_random_pairs(rng, 4, k) for k in (1, 2, 2)]
     rings = [_ring(p, memory, nw) for p, nw in zip(rows, (1, 0, 1))]
@@ -158,7 +158,7 @@ def test_gram_form_equals_two_loops(blocks):
     rng = np.random.default_rng(5)
     memory = 4
     with jax.enable_x64(True):
-        layout = _blocks.make_layout({"a": np.zeros((3, 4)), "b": np.zeros(5)}, blocks)
+        layout = _layout.make_layout({"a": np.zeros((3, 4)), "b": np.zeros(5)}, blocks)
         packed = [np.zeros(s) for s, _ in layout.packed_shapes()]
         b = layout.num_blocks
         s_hist = [rng.normal(size=(memory,) + x.shape) for x in packed]

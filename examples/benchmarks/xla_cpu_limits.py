@@ -54,7 +54,7 @@ import optax
 
 import mlbfgs_optax
 from examples.benchmarks import harness
-from mlbfgs_optax import _blocks
+from mlbfgs_optax import _block_ops
 
 M = 10
 SIDE = 1024
@@ -161,7 +161,7 @@ def probe_bf16(calls: int) -> dict:
     # The library's products of a bfloat16 history stored for a leaf of its own,
     # (units, M, *shape): given in that shape (reshaped inside the program, the same
     # reduction compiled to a kernel several times slower).
-    library = lambda h, q: _blocks._history_matvec(h, q, jnp.float32)
+    library = lambda h, q: _block_ops._history_matvec(h, q, jnp.float32)
     out = {}
     for name, dtype, fn, shape in (
             ("float32", jnp.float32, product, (M, N)),
