@@ -9,6 +9,7 @@ from mlbfgs_optax._layout import EqualSlices as EqualSlices
 from mlbfgs_optax._layout import make_layout as make_layout
 from mlbfgs_optax._diagnostics import curvature_stats as curvature_stats
 from mlbfgs_optax._diagnostics import find_mlbfgs_state as find_mlbfgs_state
+from mlbfgs_optax._damping import along_s_curvature as along_s_curvature
 from mlbfgs_optax._damping import damping_weight as damping_weight
 from mlbfgs_optax._damping import yy_bound_weight as yy_bound_weight
 from mlbfgs_optax._distributed import state_partition_specs as state_partition_specs
@@ -29,6 +30,7 @@ __all__ = (
     "ScaleByMLBFGSState",
     "authors_recipe",
     "curvature_stats",
+    "along_s_curvature",
     "damping_weight",
     "find_mlbfgs_state",
     "make_layout",

@@ -57,6 +57,36 @@ def damping_weight(
     return jnp.minimum(phi, tau_max)
 
 
+def along_s_curvature(mu: jax.Array, tau: jax.Array) -> jax.Array:
+    r"""The damped pair's curvature along :math:`s`: :math:`\hat\mu = \tau\mu + 1 - \tau`.
+
+    With ``pair_form="along_s"`` the stored pair is :math:`(s, \hat\mu s)`: the
+    BFGS update then changes :math:`H` along :math:`s` alone, to
+    :math:`1/\hat\mu` there, so every eigenvalue of :math:`H` (with
+    :math:`H_0 = I`) stays in :math:`[1/\sigma_H, 1/\sigma_L]`, whatever the
+    noise in :math:`y`. A pair whose :math:`\hat y` keeps the part of :math:`y`
+    orthogonal to :math:`s` has no such bound: that part maps the component of
+    the gradient along :math:`\hat y` onto :math:`s` with the factor
+    :math:`\|s\|\|\hat y\| / s^\top\hat y`.
+
+    Args:
+      mu: :math:`\mu = s^\top y / s^\top s`.
+      tau: the damping weight (:func:`damping_weight`).
+
+    Returns:
+      :math:`\hat\mu`, same shape, inside :math:`[\sigma_L, \sigma_H]` when
+      :math:`\tau` was not capped by :math:`\tau_0`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mlbfgs_optax import along_s_curvature, damping_weight
+      >>> mu = jnp.array([-1.0, 0.5, 3.0])
+      >>> along_s_curvature(mu, damping_weight(mu, 0.1, 1.5, 1.0))
+      Array([0.1, 0.5, 1.5], dtype=float32)
+    """
+    return tau * mu + 1.0 - tau
+
+
 def yy_bound_weight(ss: jax.Array, sy: jax.Array, yy: jax.Array, sigma_yy: float) -> jax.Array:
     r"""The largest :math:`\tau \in [0, 1]` with :math:`\hat y^\top\hat y \le \sigma_{yy}\, s^\top\hat y`.
 

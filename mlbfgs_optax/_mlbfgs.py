@@ -51,6 +51,7 @@ def scale_by_mlbfgs(
     pair_warmup: Optional[float] = None,
     packing: str = "auto",
     momentum: Optional[float] = None,
+    pair_form: str = "full",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by a block-wise, momentum-based L-BFGS (mL-BFGS).
 
@@ -112,8 +113,9 @@ def scale_by_mlbfgs(
       beta: :math:`\beta \in [0, 1)`, EMA coefficient of the parameter and
         gradient averages. ``beta=0, update_period=1`` is plain (damped)
         stochastic L-BFGS.
-      sigma_low: :math:`\sigma_L < 1`, lower bound on the damped curvature
-        :math:`s^\top \hat y / s^\top s`; ``-inf`` disables it.
+      sigma_low: :math:`\sigma_L \le 1`, lower bound on the damped curvature
+        :math:`s^\top \hat y / s^\top s` (a pair lengthens the step along
+        :math:`s` by at most :math:`1/\sigma_L`); ``-inf`` disables it.
       sigma_high: :math:`\sigma_H > 1`, upper bound; ``inf`` disables it.
       tau_max: :math:`\tau_0 \in (0, 1]`, largest weight on :math:`y` (the
         authors use 0.99: every pair gets at least 1% of :math:`s`). Damping is
@@ -250,6 +252,15 @@ def scale_by_mlbfgs(
         (``direction_avg``), so it adds no work per parameter leaf; a step
         that is not finite leaves :math:`m` as it was. None (default): the
         direction itself. :func:`~mlbfgs_optax.mlbfgs` passes its own (0.9).
+      pair_form: ``"along_s"``: every pair keeps only its damped curvature
+        along :math:`s`, :math:`\hat y = \hat\mu\, s`
+        (:func:`~mlbfgs_optax.along_s_curvature`), so :math:`\tilde H` changes
+        only along the stored :math:`s` and its eigenvalues stay in
+        :math:`[1/\sigma_H, 1/\sigma_L]`; with ``sigma_low=1`` a pair can only
+        shorten the step (:math:`\tilde H \preceq \tilde H_0`). ``"full"``:
+        the paper's :math:`\hat y = \tau y + (1-\tau) s`, whose part
+        orthogonal to :math:`s` (on mini-batches mostly noise) turns the
+        gradient's component along :math:`\hat y` into a step along :math:`s`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs
@@ -334,6 +345,7 @@ def mlbfgs(
     pair_warmup: Optional[float] = None,
     packing: str = "auto",
     weight_decay_mode: str = "l2",
+    pair_form: str = "full",
 ) -> optax.GradientTransformationExtraArgs:
     r"""The mL-BFGS optimizer: weight decay, mL-BFGS direction, momentum, step.
 

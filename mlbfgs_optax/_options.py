@@ -134,6 +134,9 @@ class Options:
         of the gradient average) or ``"hessian_vector"`` (:math:`y = \nabla^2 f\, s`
         on the current batch, from the ``grad_fn`` passed to ``update``).
       momentum: the state holds the direction's EMA (``momentum`` is not None).
+      pair_form: ``"along_s"`` (a pair keeps only its damped curvature along
+        :math:`s`, :math:`\hat y = \hat\mu s`) or ``"full"`` (the paper's
+        :math:`\hat y = \tau y + (1-\tau) s`).
     """
 
     memory_size: int
@@ -154,6 +157,7 @@ class Options:
     placement: _distributed.Placement
     curvature: str = "gradient_difference"
     momentum: bool = False
+    pair_form: str = "full"
 
 
 def make_options(
@@ -186,6 +190,7 @@ def make_options(
     pair_warmup=None,
     packing="auto",
     momentum=None,
+    pair_form="full",
 ) -> tuple[Options, Hyperparams]:
     """Validates every argument of ``scale_by_mlbfgs`` and splits them.
 
@@ -206,7 +211,8 @@ def make_options(
     check("update_period", update_period,
           lambda t: math.isfinite(t) and t == int(t) and t >= 1, "an int >= 1")
     check("beta", beta, lambda b: 0.0 <= b < 1.0, "a float in [0, 1)")
-    check("sigma_low", sigma_low, lambda v: v < 1.0, "sigma_low < 1 (or -inf: no lower bound)")
+    check("sigma_low", sigma_low, lambda v: v <= 1.0,
+          "sigma_low <= 1 (1: pairs never lengthen the step; -inf: no lower bound)")
     check("sigma_high", sigma_high, lambda v: v > 1.0, "sigma_high > 1 (or inf: no upper bound)")
     if sigma_yy is not None:
         check("sigma_yy", sigma_yy, lambda v: v >= 1.0,
@@ -241,6 +247,7 @@ def make_options(
         check("momentum", momentum, lambda v: 0.0 <= v < 1.0,
               "a float in [0, 1), or None (no momentum)")
     check_choice("curvature", curvature, ("gradient_difference", "hessian_vector"))
+    check_choice("pair_form", pair_form, ("along_s", "full"))
     if curvature == "hessian_vector" and (axis_name is not None or mesh is not None):
         raise ValueError(
             "scale_by_mlbfgs: curvature='hessian_vector' runs on one device or under GSPMD "
@@ -268,6 +275,7 @@ def make_options(
         placement=placement,
         curvature=curvature,
         momentum=momentum is not None,
+        pair_form=pair_form,
     )
     hyper = Hyperparams(
         update_period=update_period,

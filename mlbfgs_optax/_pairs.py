@@ -105,7 +105,7 @@ class Damped(NamedTuple):
     tau: jax.Array
 
 
-def damp(layout, s, y, h: Hyperparams, yy_bound: bool, acc) -> Damped:
+def damp(layout, s, y, h: Hyperparams, yy_bound: bool, acc, along_s: bool = False) -> Damped:
     r"""Powell-style damping: :math:`s^\top\hat y / s^\top s \in [\sigma_L, \sigma_H]`.
 
     :math:`\tau` is :func:`~mlbfgs_optax.damping_weight` of
@@ -114,6 +114,11 @@ def damp(layout, s, y, h: Hyperparams, yy_bound: bool, acc) -> Damped:
     invariant to a common scale of :math:`(s, y)`, so the dot products are
     taken of :math:`(s, y)/c` with :math:`c` a power of two near
     :math:`\max(|s|, |y|)`: they cannot overflow.
+
+    With ``along_s`` (``pair_form="along_s"``) the pair keeps only its damped
+    curvature along :math:`s`: :math:`\hat y = \hat\mu\, s` with
+    :math:`\hat\mu = \tau\mu + 1 - \tau`
+    (:func:`~mlbfgs_optax.along_s_curvature`).
     """
     bc = layout.broadcast
     c = jnp.max(layout.block_max_abs_many([s, y], acc), axis=0)
@@ -123,6 +128,9 @@ def damp(layout, s, y, h: Hyperparams, yy_bound: bool, acc) -> Damped:
     ss, sy, yy = layout.block_dots([(s_c, s_c), (s_c, y_c), (y_c, y_c)], acc)
     mu = _numerics.safe_div(sy, ss)
     tau = _damping.damping_weight(mu, h.sigma_low, h.sigma_high, h.tau_max).astype(acc)
+    if along_s:  # y_hat parallel to s: the y^T y bound holds by construction
+        mu_hat = _damping.along_s_curvature(mu, tau)
+        return Damped([bc(mu_hat, j, x.ndim) * x for j, x in enumerate(s)], mu, tau)
     if yy_bound:
         tau = jnp.minimum(tau, _damping.yy_bound_weight(ss, sy, yy, h.sigma_yy).astype(acc))
     y_hat = [bc(tau, j, x.ndim) * x + (1 - bc(tau, j, x.ndim)) * z
@@ -310,7 +318,7 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     # reads two arrays instead of recomputing the pair from the four averages and the
     # metric's second moment (on XLA:CPU every such reduction was its own slow pass).
     s, y = jax.lax.optimization_barrier((s, y))
-    damped = damp(layout, s, y, h, not opts.yy_bound_off, acc)
+    damped = damp(layout, s, y, h, not opts.yy_bound_off, acc, opts.pair_form == "along_s")
     # The pair as it will be stored, in the history dtype.
     s_st = [x.astype(d) for x, d in zip(s, dt.history)]
     y_st = [x.astype(d) for x, d in zip(damped.y_hat, dt.history)]

@@ -35,6 +35,7 @@ paper_defaults = types.MappingProxyType({
     "roundoff_rejection": None,
     "bias_correction": False,
     "sigma_yy": math.inf,
+    "pair_form": "full",
     "sigma_low": 0.5,
     "sigma_high": 1.5,
     "pair_warmup": 0,

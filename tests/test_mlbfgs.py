@@ -640,3 +640,30 @@ def test_weight_decay_modes(mode):
     assert jax.tree.structure(tx.init(params)) == jax.tree.structure(no_decay.init(params))
     with pytest.raises(ValueError, match="weight_decay_mode"):
         mlbfgs_optax.mlbfgs(lr, weight_decay_mode="adamw")
+
+
+def test_along_s_pairs_with_sigma_low_one_never_lengthen_a_block_step():
+    """pair_form='along_s', sigma_low=1: H <= H0, so in the metric every block's direction
+    is at most as long as the chain's D g (the same state with its pairs marked empty)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(60, 60)) / 8
+    params = {"w": jnp.zeros(30), "v": jnp.zeros((5, 6))}
+    opt = mlbfgs_optax.scale_by_mlbfgs(learning_rate=0.05, pair_form="along_s", sigma_low=1.0,
+                                       step_bound=None, update_period=2, beta=0.9)
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    stored = 0
+    for t in range(120):
+        flat = jnp.concatenate([params["w"], params["v"].ravel()])
+        g = a.T @ (a @ flat - 1.0) + 0.3 * rng.normal(size=60)  # noisy gradient
+        grads = {"w": jnp.asarray(g[:30]), "v": jnp.asarray(g[30:]).reshape(5, 6)}
+        d, new = update(grads, state, params)
+        d0, _ = update(grads, state._replace(rho=jnp.zeros_like(state.rho)), params)
+        for k in params:
+            dk, d0k, gk = (np.asarray(x[k], np.float64).ravel() for x in (d, d0, grads))
+            metric = d0k / gk  # D, from the chain's direction D g
+            assert np.sum(dk ** 2 / metric) <= np.sum(d0k ** 2 / metric) * (1 + 1e-4)
+        stored = max(stored, int(jnp.max(new.num_pairs)))
+        state = new
+        params = jax.tree.map(lambda p, u: p - 0.05 * u, params, d)
+    assert stored > 0  # pairs were stored and used

@@ -20,7 +20,7 @@ _BAD_SCALE = [
     ("update_period", _NAN),
     ("beta", 1.0), ("beta", -0.1), ("beta", _NAN), ("beta", 1.5),
     ("beta", np.float32(1.5)),
-    ("sigma_low", 1.0), ("sigma_low", 2.0), ("sigma_low", _NAN), ("sigma_low", _INF),
+    ("sigma_low", 1.5), ("sigma_low", 2.0), ("sigma_low", _NAN), ("sigma_low", _INF),
     ("sigma_high", 1.0), ("sigma_high", 0.5), ("sigma_high", _NAN), ("sigma_high", -_INF),
     ("tau_max", 0.0), ("tau_max", -0.5), ("tau_max", 1.01), ("tau_max", _NAN),
     ("pair_momentum", 1.0), ("pair_momentum", -0.1), ("pair_momentum", _NAN),
@@ -36,6 +36,7 @@ _BAD_SCALE = [
     ("roundoff_rejection", -1.0), ("roundoff_rejection", _INF),
     ("curvature", "hessian"), ("curvature", None),
     ("pair_warmup", -1.0), ("pair_warmup", _INF), ("pair_warmup", _NAN),
+    ("pair_form", "projected"), ("pair_form", None),
 ]
 
 

@@ -112,6 +112,19 @@ def test_damp_matches_spec_and_is_scale_invariant(scale):
         np.testing.assert_allclose(_flat(layout, out.y_hat, b) / scale, y_hat, rtol=1e-10)
 
 
+def test_damp_along_s_keeps_the_damped_curvature_along_s():
+    layout, _, h, dt, st, _ = _setup(sigma_yy=2.0)
+    s, y = _pairs.candidate(layout, st, True, dt.acc)
+    full = _pairs.damp(layout, s, y, h, False, dt.acc)
+    along = _pairs.damp(layout, s, y, h, True, dt.acc, along_s=True)
+    np.testing.assert_array_equal(np.asarray(along.tau), np.asarray(full.tau))
+    for b in range(layout.num_blocks):
+        sb, yh = _flat(layout, s, b), _flat(layout, full.y_hat, b)
+        mu_hat = (sb @ yh) / (sb @ sb)  # the paper's pair's curvature along s (no yy bound)
+        np.testing.assert_allclose(_flat(layout, along.y_hat, b), mu_hat * sb, rtol=1e-12)
+        assert 0.5 - 1e-12 <= mu_hat <= 1.5 + 1e-12
+
+
 def test_damp_yy_bound_lowers_tau():
     layout, _, h, dt, st, _ = _setup(sigma_yy=2.0)
     s, y = _pairs.candidate(layout, st, True, dt.acc)
