@@ -160,6 +160,65 @@ class Options:
     pair_form: str = "full"
 
 
+
+def _finite_int_at_least_one(t) -> bool:
+    return math.isfinite(t) and t == int(t) and t >= 1
+
+
+#: (name, accepted, what is expected) of every numeric hyperparameter; ``None`` is
+#: accepted wherever the argument has a None meaning (it is not checked).
+_RULES = (
+    ("update_period", _finite_int_at_least_one, "an int >= 1"),
+    ("beta", lambda b: 0.0 <= b < 1.0, "a float in [0, 1)"),
+    ("sigma_low", lambda v: v <= 1.0,
+     "sigma_low <= 1 (1: pairs never lengthen the step; -inf: no lower bound)"),
+    ("sigma_high", lambda v: v > 1.0, "sigma_high > 1 (or inf: no upper bound)"),
+    ("sigma_yy", lambda v: v >= 1.0, "sigma_yy >= 1 (or inf: no bound on y^T y / s^T y)"),
+    ("tau_max", lambda v: 0.0 < v <= 1.0, "a float in (0, 1]"),
+    ("pair_momentum", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)"),
+    ("curvature_eps", lambda e: e >= 0.0 and math.isfinite(e), "a finite float >= 0"),
+    ("metric_decay", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)"),
+    ("metric_eps", lambda e: 0.0 < e < math.inf, "a finite float > 0"),
+    ("step_bound", lambda v: 0.0 < v < math.inf, "a finite float > 0, or None (no bound)"),
+    ("roundoff_rejection", lambda v: 0.0 <= v < math.inf,
+     "a finite float >= 0, or None (off)"),
+    ("pair_warmup", lambda v: v >= 0 and math.isfinite(v),
+     "a finite number >= 0, or None (1 / (1 - beta))"),
+    ("momentum", lambda v: 0.0 <= v < 1.0, "a float in [0, 1), or None (no momentum)"),
+)
+
+#: (name, accepted values) of every string option.
+_CHOICES = (
+    ("metric", ("adam", "identity")),
+    ("packing", ("auto", "rows", "stacked", "leaves")),
+    ("curvature", ("gradient_difference", "hessian_vector")),
+    ("pair_form", ("along_s", "full")),
+)
+
+
+def _check_memory_size(memory_size) -> None:
+    if not isinstance(memory_size, (int, np.integer)) or isinstance(memory_size, bool) or (
+        memory_size < 1
+    ):
+        raise ValueError(
+            f"scale_by_mlbfgs: memory_size={memory_size!r} is invalid; expected an int >= 1 "
+            "(pass it in static_args of optax.inject_hyperparams)."
+        )
+
+
+def _check_structure(blocks, curvature, axis_name, mesh) -> None:
+    """The checks that involve more than one number: block specs and placements."""
+    if isinstance(blocks, str) and blocks not in ("leaf", "all"):
+        raise ValueError(
+            f"scale_by_mlbfgs: blocks={blocks!r} is invalid; expected 'leaf', 'all', an "
+            "EqualSlices, a label pytree or a callable params -> labels."
+        )
+    if curvature == "hessian_vector" and (axis_name is not None or mesh is not None):
+        raise ValueError(
+            "scale_by_mlbfgs: curvature='hessian_vector' runs on one device or under GSPMD "
+            "only; it cannot be combined with axis_name or mesh."
+        )
+
 def make_options(
     *,
     memory_size,
@@ -201,58 +260,26 @@ def make_options(
       ValueError: naming the first invalid argument, its value and what is
         accepted.
     """
-    if not isinstance(memory_size, (int, np.integer)) or isinstance(memory_size, bool) or (
-        memory_size < 1
-    ):
-        raise ValueError(
-            f"scale_by_mlbfgs: memory_size={memory_size!r} is invalid; expected an int >= 1 "
-            "(pass it in static_args of optax.inject_hyperparams)."
-        )
-    check("update_period", update_period,
-          lambda t: math.isfinite(t) and t == int(t) and t >= 1, "an int >= 1")
-    check("beta", beta, lambda b: 0.0 <= b < 1.0, "a float in [0, 1)")
-    check("sigma_low", sigma_low, lambda v: v <= 1.0,
-          "sigma_low <= 1 (1: pairs never lengthen the step; -inf: no lower bound)")
-    check("sigma_high", sigma_high, lambda v: v > 1.0, "sigma_high > 1 (or inf: no upper bound)")
-    if sigma_yy is not None:
-        check("sigma_yy", sigma_yy, lambda v: v >= 1.0,
-              "sigma_yy >= 1 (or inf: no bound on y^T y / s^T y)")
-    check("tau_max", tau_max, lambda v: 0.0 < v <= 1.0, "a float in (0, 1]")
-    check("pair_momentum", pair_momentum, lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
-    if curvature_eps is not None:
-        check("curvature_eps", curvature_eps, lambda e: e >= 0.0 and math.isfinite(e),
-              "a finite float >= 0")
-    check_choice("metric", metric, ("adam", "identity"))
-    check("metric_decay", metric_decay, lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
-    check("metric_eps", metric_eps, lambda e: 0.0 < e < math.inf, "a finite float > 0")
-    if step_bound is not None:
-        check("step_bound", step_bound, lambda v: 0.0 < v < math.inf,
-              "a finite float > 0, or None (no bound)")
-    if roundoff_rejection is not None:
-        check("roundoff_rejection", roundoff_rejection, lambda v: 0.0 <= v < math.inf,
-              "a finite float >= 0, or None (off)")
+    args = dict(locals())
+    _check_memory_size(memory_size)
+    for name, ok, expected in _RULES:
+        if args[name] is not None:
+            check(name, args[name], ok, expected)
     if learning_rate is not None and not callable(learning_rate):
         check("learning_rate", learning_rate, lambda v: 0.0 <= v < math.inf,
               "a finite float >= 0, a schedule, or None")
-    if isinstance(blocks, str) and blocks not in ("leaf", "all"):
-        raise ValueError(
-            f"scale_by_mlbfgs: blocks={blocks!r} is invalid; expected 'leaf', 'all', an "
-            "EqualSlices, a label pytree or a callable params -> labels."
-        )
-    if pair_warmup is not None:
-        check("pair_warmup", pair_warmup, lambda v: v >= 0 and math.isfinite(v),
-              "a finite number >= 0, or None (1 / (1 - beta))")
-    check_choice("packing", packing, ("auto", "rows", "stacked", "leaves"))
-    if momentum is not None:
-        check("momentum", momentum, lambda v: 0.0 <= v < 1.0,
-              "a float in [0, 1), or None (no momentum)")
-    check_choice("curvature", curvature, ("gradient_difference", "hessian_vector"))
-    check_choice("pair_form", pair_form, ("along_s", "full"))
-    if curvature == "hessian_vector" and (axis_name is not None or mesh is not None):
-        raise ValueError(
-            "scale_by_mlbfgs: curvature='hessian_vector' runs on one device or under GSPMD "
-            "only; it cannot be combined with axis_name or mesh."
-        )
+    for name, choices in _CHOICES:
+        check_choice(name, args[name], choices)
+    _check_structure(blocks, curvature, axis_name, mesh)
+    return _split(**args)
+
+
+def _split(*, memory_size, update_period, beta, sigma_low, sigma_high, tau_max, pair_momentum,
+           refresh_grad_average, normalize, blocks, sigma_yy, cache_gram, bias_correction,
+           history_dtype, averages_dtype, curvature_eps, axis_name, mesh, metric, metric_decay,
+           metric_eps, step_bound, roundoff_rejection, learning_rate, curvature, pair_warmup,
+           packing, momentum, pair_form) -> tuple[Options, Hyperparams]:
+    """The validated arguments as ``(Options, Hyperparams)``: static and numeric."""
     placement = _distributed.make_placement(axis_name, mesh, blocks)
     if sigma_yy is None:
         sigma_yy = 10.0 * sigma_high if is_number(sigma_high) else math.inf
@@ -295,4 +322,3 @@ def make_options(
         momentum=momentum,
     )
     return options, hyper
-
