@@ -25,7 +25,7 @@ def scale_by_mlbfgs(
     memory_size: int = 2,
     update_period: int = 10,
     beta: float = 0.99,
-    sigma_low: float = 0.1,
+    sigma_low: float = 1.0,
     sigma_high: float = 10.0,
     tau_max: float = 1.0,
     pair_momentum: float = 0.0,
@@ -51,7 +51,7 @@ def scale_by_mlbfgs(
     pair_warmup: Optional[float] = None,
     packing: str = "auto",
     momentum: Optional[float] = None,
-    pair_form: str = "full",
+    pair_form: str = "along_s",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions updates by a block-wise, momentum-based L-BFGS (mL-BFGS).
 
@@ -317,7 +317,7 @@ def mlbfgs(
     memory_size: int = 2,
     update_period: int = 10,
     beta: float = 0.99,
-    sigma_low: float = 0.1,
+    sigma_low: float = 1.0,
     sigma_high: float = 10.0,
     tau_max: float = 1.0,
     pair_momentum: float = 0.0,
@@ -345,7 +345,7 @@ def mlbfgs(
     pair_warmup: Optional[float] = None,
     packing: str = "auto",
     weight_decay_mode: str = "l2",
-    pair_form: str = "full",
+    pair_form: str = "along_s",
 ) -> optax.GradientTransformationExtraArgs:
     r"""The mL-BFGS optimizer: weight decay, mL-BFGS direction, momentum, step.
 
