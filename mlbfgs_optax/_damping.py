@@ -82,7 +82,7 @@ def along_s_curvature(mu: jax.Array, tau: jax.Array) -> jax.Array:
       >>> from mlbfgs_optax import along_s_curvature, damping_weight
       >>> mu = jnp.array([-1.0, 0.5, 3.0])
       >>> along_s_curvature(mu, damping_weight(mu, 0.1, 1.5, 1.0))
-      Array([0.1, 0.5, 1.5], dtype=float32)
+      Array([0.10000002, 0.5       , 1.5       ], dtype=float32)
     """
     return tau * mu + 1.0 - tau
 

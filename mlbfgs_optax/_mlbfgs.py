@@ -271,7 +271,8 @@ def scale_by_mlbfgs(
       >>> import mlbfgs_optax
       >>> f = lambda x: jnp.sum(jnp.array([1.0, 10.0]) * x ** 2)
       >>> tx = optax.chain(
-      ...     mlbfgs_optax.scale_by_mlbfgs(update_period=1, beta=0.0, learning_rate=0.1),
+      ...     mlbfgs_optax.scale_by_mlbfgs(update_period=1, beta=0.0, learning_rate=0.1,
+      ...                                  sigma_low=0.1),  # deterministic: may lengthen
       ...     optax.scale_by_learning_rate(0.1))
       >>> x = jnp.array([1.0, 1.0])
       >>> state = tx.init(x)

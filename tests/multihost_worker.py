@@ -26,7 +26,8 @@ K = 8  # EqualSlices blocks: 2 per device with 2 processes x 2 devices
 STEPS = 60
 BATCH = 32  # global batch; divisible by every device count used
 IN, OUT = 12, 5
-OPT_KW = dict(update_period=3, beta=0.9, memory_size=4)
+# sigma_low=0.1: pairs that may lengthen the step, so that the block structure shows
+OPT_KW = dict(update_period=3, beta=0.9, memory_size=4, sigma_low=0.1)
 LR = 0.05
 
 

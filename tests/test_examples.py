@@ -160,7 +160,7 @@ def test_common_options_quick_and_out():
     p.add_argument("--eval-every", type=int, default=10)
     a = common.parse_args(p, [], steps=5, eval_every=1)
     assert (a.steps, a.eval_every, a.out, a.lr, a.sigma_low, a.beta) == (
-        100, 10, "x.png", 0.1, 0.1, 0.99)  # the library's defaults
+        100, 10, "x.png", 0.1, 1.0, 0.99)  # the library's defaults
     a = common.parse_args(p, ["--quick"], steps=5, eval_every=1)
     assert (a.steps, a.eval_every, a.out) == (5, 1, "")  # no plot unless --out is given
     assert common.parse_args(p, ["--quick", "--out", "y.png"], steps=5).out == "y.png"

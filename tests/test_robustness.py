@@ -481,7 +481,9 @@ def test_large_magnitude_pairs_give_finite_direction():
     [("float32", jnp.float32), ("bfloat16", jnp.bfloat16), ("float16", jnp.float16)],
     ci={("hist-default", "bfloat16"), ("hist-default", "float16"), ("hist-bf16", "float32")}))
 def test_low_precision_params(dtype, history_dtype):
-    tx = mlbfgs_optax.mlbfgs(0.01, memory_size=3, update_period=2, beta=0.5,
+    # sigma_low=0.1: the pairs lengthen the step on this deterministic quadratic, so the
+    # low-precision history is exercised by every direction
+    tx = mlbfgs_optax.mlbfgs(0.01, memory_size=3, update_period=2, beta=0.5, sigma_low=0.1,
                              history_dtype=history_dtype)
     step = jax.jit(tx.update)
     p = _params(dtype)
