@@ -160,7 +160,6 @@ class Options:
     pair_form: str = "full"
 
 
-
 def _finite_int_at_least_one(t) -> bool:
     return math.isfinite(t) and t == int(t) and t >= 1
 
@@ -218,6 +217,7 @@ def _check_structure(blocks, curvature, axis_name, mesh) -> None:
             "scale_by_mlbfgs: curvature='hessian_vector' runs on one device or under GSPMD "
             "only; it cannot be combined with axis_name or mesh."
         )
+
 
 def make_options(
     *,
