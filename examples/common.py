@@ -28,6 +28,23 @@ import optax
 import mlbfgs_optax
 from examples import datasets
 
+_MLBFGS_ARGS = frozenset(inspect.signature(mlbfgs_optax.mlbfgs).parameters)
+
+
+def make_mlbfgs(learning_rate, **kwargs) -> optax.GradientTransformationExtraArgs:
+    """``mlbfgs_optax.mlbfgs(learning_rate, **kwargs)``; given arguments that only
+    ``scale_by_mlbfgs`` takes, the same chain built from it (L2 decay, momentum 0.9)."""
+    if set(kwargs) <= _MLBFGS_ARGS:
+        return mlbfgs_optax.mlbfgs(learning_rate, **kwargs)
+    if kwargs.pop("weight_decay_mode", "l2") != "l2":
+        raise ValueError("make_mlbfgs: decoupled decay with scale_by_mlbfgs's arguments")
+    decay = kwargs.pop("weight_decay", 0.0), kwargs.pop("weight_decay_mask", None)
+    inner = mlbfgs_optax.scale_by_mlbfgs(learning_rate=learning_rate,
+                                         momentum=kwargs.pop("momentum", 0.9), **kwargs)
+    return optax.chain(*([optax.add_decayed_weights(*decay)] if decay[0] else []), inner,
+                       optax.scale_by_learning_rate(learning_rate))
+
+
 # ----------------------------------------------------------------------------- models
 
 

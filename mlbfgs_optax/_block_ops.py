@@ -13,8 +13,6 @@ buckets, not by the number of parameter leaves or blocks.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 from typing import TYPE_CHECKING, Optional
 
@@ -24,6 +22,7 @@ import numpy as np
 
 from mlbfgs_optax import _numerics
 from mlbfgs_optax import _packing
+from mlbfgs_optax import _xla_hints
 
 if TYPE_CHECKING:
     from mlbfgs_optax._layout import BlockLayout
@@ -67,8 +66,8 @@ class BlockOps:
         ub = self.buckets[j].unit_block
         if ub and len(set(ub)) == 1 and c.shape[0] > 1:
             # One block: its value, a scalar (or ``(...)``) broadcast over the units;
-            # at a traced index inside :func:`opaque_block_indices`.
-            at = _OPAQUE_INDEX.get().get(ub[0])
+            # at a traced index inside :func:`~mlbfgs_optax._xla_hints.opaque_block_indices`.
+            at = _xla_hints.block_index(ub[0])
             if at is None:
                 v = c[ub[0] : ub[0] + 1]
             else:
@@ -78,7 +77,7 @@ class BlockOps:
             return c if len(ub) == c.shape[0] else c[ub[0] : ub[0] + len(ub)]
         # Materialised once (the barrier): fused into an elementwise pass over the
         # bucket, the gather would run once per element.
-        return jax.lax.optimization_barrier(jnp.take(c, np.asarray(ub, np.int32), axis=0))
+        return _xla_hints.hold("block_values", jnp.take(c, np.asarray(ub, np.int32), axis=0))
 
     def broadcast(self, c: jax.Array, j: int, ndim: int) -> jax.Array:
         """Per-block values ``c`` (shape ``(B,)``) broadcastable against packed array ``j``."""
@@ -210,8 +209,8 @@ def _history_matvec(h: jax.Array, v: jax.Array, dtype) -> jax.Array:
     """
     if h.dtype != jnp.bfloat16:
         return _batched_matvec(h, v, dtype)
-    return jax.lax.platform_dependent(
-        h, v, cpu=lambda h, v: _multiply_reduce(h, v[:, None], dtype),
+    return _xla_hints.per_platform(
+        "bf16_history", (h, v), cpu=lambda h, v: _multiply_reduce(h, v[:, None], dtype),
         default=lambda h, v: _batched_matvec(h, v, dtype))
 
 
@@ -242,42 +241,3 @@ def _reduce_units(xs: list[jax.Array], op: str) -> jax.Array:
     if op == "sum":
         return jnp.stack([jnp.sum(x, axis=axes) for x in xs], -1)
     return jnp.stack([jnp.max(x, axis=axes, initial=0.0) for x in xs], -1)
-
-
-#: Block -> traced int32 index, set by :func:`opaque_block_indices`.
-_OPAQUE_INDEX: contextvars.ContextVar[dict] = contextvars.ContextVar("opaque_index", default={})
-
-
-@contextlib.contextmanager
-def opaque_block_indices(layout: BlockLayout, pred: jax.Array):
-    """Within: :meth:`BlockLayout.per_unit` reads a one-block bucket's value at a traced index.
-
-    XLA:CPU compiles each distinct kernel once and reuses it for identical
-    ones. Read at a constant index, a per-block value is folded into every
-    kernel that uses it, so the kernels of two same-shaped buckets of one
-    leaf each (the large leaves) differ in that constant and are all compiled.
-    At an index XLA cannot fold, they are the same kernels (measured: the
-    update of GPT-2 small's structure with its 50 large leaves in buckets of
-    their own, ``packing="leaves"``, compiled in 16.0 s instead of 19.3 s at
-    M = 2, 18.7 s instead of 22.0 s at M = 10; the default packing's
-    unchanged).
-
-    Args:
-      layout: the layout whose one-block buckets get traced indices.
-      pred: a traced boolean scalar that is True at run time and that XLA
-        cannot evaluate: the indices are the outputs of a loop of zero or one
-        trip on it (0 where it is False). A loop that gave the same values
-        either way would be folded away.
-    """
-    blocks = sorted({b.unit_block[0] for b in layout.buckets
-                     if b.unit_block and len(set(b.unit_block)) == 1})
-    if len(blocks) < 2:
-        yield
-        return
-    idx = _numerics.at_most_once(pred, lambda _: [jnp.asarray(k, jnp.int32) for k in blocks],
-                                 [jnp.zeros((), jnp.int32) for _ in blocks])
-    token = _OPAQUE_INDEX.set(dict(zip(blocks, idx)))
-    try:
-        yield
-    finally:
-        _OPAQUE_INDEX.reset(token)

@@ -9,7 +9,6 @@ leaves open; the differences are listed in the documentation (docs/algorithm.md)
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Optional
 
@@ -320,33 +319,16 @@ def mlbfgs(
     beta: float = 0.99,
     sigma_low: float = 1.0,
     sigma_high: float = 10.0,
-    tau_max: float = 1.0,
-    pair_momentum: float = 0.0,
-    refresh_grad_average: bool = False,
-    normalize: bool = False,
     blocks: _layout.BlockSpec = "leaf",
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
     momentum: Optional[float] = 0.9,
     *,
-    sigma_yy: Optional[float] = None,
-    cache_gram: bool = True,
-    bias_correction: bool = True,
-    history_dtype: Optional[jax.typing.DTypeLike] = None,
-    averages_dtype: Optional[jax.typing.DTypeLike] = None,
-    curvature_eps: Optional[float] = None,
-    axis_name: Optional[str] = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
-    metric: str = "adam",
-    metric_decay: float = 0.999,
-    metric_eps: float = 1e-8,
-    step_bound: Optional[float] = 3.0,
-    roundoff_rejection: Optional[float] = 100.0,
-    curvature: str = "gradient_difference",
-    pair_warmup: Optional[float] = None,
-    packing: str = "auto",
     weight_decay_mode: str = "l2",
     pair_form: str = "along_s",
+    axis_name: Optional[str] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    history_dtype: Optional[jax.typing.DTypeLike] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The mL-BFGS optimizer: weight decay, mL-BFGS direction, momentum, step.
 
@@ -364,21 +346,25 @@ def mlbfgs(
     as ``optax.adamw`` does (Loshchilov and Hutter,
     https://arxiv.org/abs/1711.05101).
 
-    The chain is :func:`scale_by_mlbfgs` (given ``learning_rate`` to measure
-    its pairs in direction units, fed the decayed gradient, and given
-    ``momentum``: the debiased EMA of the direction, Adam's first moment, held
-    packed in its state) -> ``optax.scale_by_learning_rate``; the decay has no
-    state, so the state's structure never depends on ``weight_decay``. The learning rate has Adam's meaning:
-    before the first pair the step is RMSprop's :math:`D g` averaged by the
-    momentum (an Adam variant whose EMA is taken after the division by
-    :math:`\sqrt{\hat\nu}`), and a good first try is Adam's (1e-3 to 1e-2).
+    The chain is :func:`scale_by_mlbfgs` (fed the decayed gradient; it holds
+    the momentum packed in its state) -> ``optax.scale_by_learning_rate``; the
+    state's structure never depends on ``weight_decay``. The learning rate has
+    Adam's meaning (before the first pair the step is RMSprop's :math:`D g`
+    averaged by the momentum): a good first try is Adam's (1e-3 to 1e-2).
     For the paper's algorithm and the authors' training recipe see
     :data:`~mlbfgs_optax.paper_defaults` and :func:`~mlbfgs_optax.authors_recipe`.
 
     Args:
       learning_rate: :math:`\eta_t`, a float or an optax schedule.
-      ...: every other argument of :func:`scale_by_mlbfgs` ({forwarded}), with
-        the same default, is passed on to it unchanged.
+      memory_size: :math:`M`, pairs kept per block.
+      update_period: :math:`T`, calls between curvature pairs.
+      beta: :math:`\beta`, EMA coefficient of the parameter and gradient averages.
+      sigma_low: :math:`\sigma_L \le 1`, lower bound of a pair's damped
+        curvature along :math:`s` (1: pairs never lengthen the step).
+      sigma_high: :math:`\sigma_H > 1`, upper bound (a pair shortens the step
+        along :math:`s` by at most :math:`\sigma_H`).
+      blocks: the block-diagonal structure (``"leaf"``, ``"all"``,
+        :class:`~mlbfgs_optax.EqualSlices`, labels or a callable).
       weight_decay: :math:`\lambda \ge 0`, the weight decay (its mode:
         ``weight_decay_mode``).
       weight_decay_mask: optional mask (tree or callable) for the decay, as in
@@ -386,14 +372,23 @@ def mlbfgs(
       momentum: :math:`\mu \in [0, 1)`, the debiased EMA of the direction
         (Adam's ``b1``), or None (no momentum).
       weight_decay_mode: ``"l2"`` (default): :math:`\lambda\theta` added to
-        the gradient before the direction (it enters the metric and the
-        pairs; good values are about 100x smaller than AdamW's, 1e-4 to 1e-3
-        on our benchmarks); ``"decoupled"``: :math:`\eta\lambda\theta`
-        subtracted from the parameters beside the step, as ``optax.adamw``,
-        so :math:`\lambda` takes AdamW's values (0.1 to 0.3 on our
-        benchmarks). Each at its best single decay, the two modes reached held-out
-        accuracy within 0.3 points of each other at batch 1024, and L2 was
-        ahead at batch 8192 (``examples/benchmarks/research/weight_decay.md``).
+        the gradient before the direction (good values are about 100x smaller
+        than AdamW's); ``"decoupled"``: :math:`\eta\lambda\theta`
+        subtracted from the parameters beside the step, as ``optax.adamw``
+        (AdamW's values).
+      pair_form: ``"along_s"`` (default) or ``"full"`` (the paper's pairs).
+      axis_name: the device axis that shares the blocks (``shard_map``,
+        ``pmap``, or an axis of ``mesh``).
+      mesh: a :class:`jax.sharding.Mesh` for ``jax.jit`` programs.
+      history_dtype: dtype of the stored pairs (``jnp.bfloat16`` halves their
+        memory); default: the parameters' dtype, at least float32.
+
+    Every argument above has the meaning and the default it has in
+    :func:`scale_by_mlbfgs`, which documents it in full and takes the rest
+    (damping details, packing, the metric, the paper's switches of
+    :data:`~mlbfgs_optax.paper_defaults`): chain it as
+    ``optax.chain(scale_by_mlbfgs(..., learning_rate=lr, momentum=0.9),
+    optax.scale_by_learning_rate(lr))`` to set them.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs
@@ -423,8 +418,10 @@ def mlbfgs(
     _options.check("learning_rate", learning_rate, math.isfinite,
                    "a finite float or a schedule", "mlbfgs")
     _options.check_choice("weight_decay_mode", weight_decay_mode, ("l2", "decoupled"), "mlbfgs")
-    args = locals()  # momentum is checked by scale_by_mlbfgs, which holds it
-    inner = scale_by_mlbfgs(**{k: args[k] for k in _SCALE_ARGS})
+    inner = scale_by_mlbfgs(  # momentum is checked by scale_by_mlbfgs, which holds it
+        memory_size=memory_size, update_period=update_period, beta=beta, sigma_low=sigma_low,
+        sigma_high=sigma_high, blocks=blocks, pair_form=pair_form, axis_name=axis_name,
+        mesh=mesh, history_dtype=history_dtype, learning_rate=learning_rate, momentum=momentum)
     inner = _with_weight_decay(inner, weight_decay, weight_decay_mask,
                                decoupled=weight_decay_mode == "decoupled")
     return optax.chain(inner, optax.scale_by_learning_rate(learning_rate))
@@ -459,9 +456,3 @@ def _with_weight_decay(inner: optax.GradientTransformationExtraArgs, weight_deca
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
-
-#: The arguments of :func:`scale_by_mlbfgs`, which :func:`mlbfgs` forwards.
-_SCALE_ARGS = tuple(inspect.signature(scale_by_mlbfgs).parameters)
-mlbfgs.__doc__ = mlbfgs.__doc__.replace(
-    "{forwarded}", ", ".join(f"``{a}``" for a in _SCALE_ARGS
-                             if a not in ("learning_rate", "momentum")))

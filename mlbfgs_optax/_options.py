@@ -155,9 +155,9 @@ class Options:
     roundoff_off: bool
     lr_schedule: Optional[Callable]
     placement: _distributed.Placement
-    curvature: str = "gradient_difference"
-    momentum: bool = False
-    pair_form: str = "full"
+    curvature: str
+    momentum: bool
+    pair_form: str
 
 
 def _finite_int_at_least_one(t) -> bool:
@@ -245,13 +245,15 @@ def make_options(
     step_bound,
     roundoff_rejection,
     learning_rate,
-    curvature="gradient_difference",
-    pair_warmup=None,
-    packing="auto",
-    momentum=None,
-    pair_form="full",
+    curvature,
+    pair_warmup,
+    packing,
+    momentum,
+    pair_form,
 ) -> tuple[Options, Hyperparams]:
     """Validates every argument of ``scale_by_mlbfgs`` and splits them.
+
+    Every argument is required: the defaults live in ``scale_by_mlbfgs`` alone.
 
     Returns:
       ``(options, hyperparams)``.

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from mlbfgs_optax import _xla_hints
+
 if TYPE_CHECKING:
     from mlbfgs_optax._layout import BlockLayout
 
@@ -163,7 +165,8 @@ class Packing:
             # The leaves are materialised first (a barrier): XLA would otherwise fuse
             # their producers into the concatenation, whose every element then selects
             # among all of them.
-            held = dict(zip(b.leaves, jax.lax.optimization_barrier([leaves[i] for i in b.leaves])))
+            held = dict(zip(b.leaves, _xla_hints.hold("packed_leaves",
+                                                      [leaves[i] for i in b.leaves])))
             for i, start in zip(b.leaves, b.starts):
                 if start > pos:
                     parts.append(jnp.zeros(front + (start - pos,), b.dtype))

@@ -26,6 +26,7 @@ from mlbfgs_optax import _damping
 from mlbfgs_optax import _metric
 from mlbfgs_optax import _numerics
 from mlbfgs_optax import _state
+from mlbfgs_optax import _xla_hints
 from mlbfgs_optax._options import Hyperparams, Options
 from mlbfgs_optax._state import ScaleByMLBFGSState
 
@@ -317,7 +318,7 @@ def pair_step(layout, opts: Options, h: Hyperparams, dt: _state.Dtypes, g, t,
     # stored pair's products) and by the store: made once, behind a barrier, each pass
     # reads two arrays instead of recomputing the pair from the four averages and the
     # metric's second moment (on XLA:CPU every such reduction was its own slow pass).
-    s, y = jax.lax.optimization_barrier((s, y))
+    s, y = _xla_hints.hold("pair_candidate", (s, y))
     damped = damp(layout, s, y, h, not opts.yy_bound_off, acc, opts.pair_form == "along_s")
     # The pair as it will be stored, in the history dtype.
     s_st = [x.astype(d) for x, d in zip(s, dt.history)]

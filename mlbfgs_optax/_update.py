@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mlbfgs_optax import _block_ops
 from mlbfgs_optax import _direction
 from mlbfgs_optax import _layout
 from mlbfgs_optax import _metric
@@ -37,6 +36,7 @@ from mlbfgs_optax import _numerics
 from mlbfgs_optax import _pairs
 from mlbfgs_optax import _state
 from mlbfgs_optax import _two_loop
+from mlbfgs_optax import _xla_hints
 from mlbfgs_optax._distributed import Collectives
 from mlbfgs_optax._options import Hyperparams, Options, is_number
 from mlbfgs_optax._state import ScaleByMLBFGSState
@@ -229,7 +229,9 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
     Hessian-vector product for ``curvature="hessian_vector"``, else None.
     """
     # ``count`` never falls below 0 (it saturates), but XLA cannot know it.
-    with _block_ops.opaque_block_indices(layout, state.count >= 0):
+    blocks = sorted({b.unit_block[0] for b in layout.buckets
+                     if b.unit_block and len(set(b.unit_block)) == 1})
+    with _xla_hints.opaque_block_indices(blocks, state.count >= 0):
         return _local_step(opts, h, layout, g, theta, state, finite, coll, hvp)
 
 
@@ -343,8 +345,8 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
     g, theta = layout.pack(updates), layout.pack(params)
     finite = _numerics.all_finite(g)
     if any(multi):
-        g_multi, theta_multi, finite = jax.lax.optimization_barrier(
-            (pick(g), pick(theta), finite))
+        g_multi, theta_multi, finite = _xla_hints.hold(
+            "stacked_inputs", (pick(g), pick(theta), finite))
         g, theta = merge(g, g_multi), merge(theta, theta_multi)
     hvp = None if grad_fn is None else hessian_vector(layout, grad_fn, params)
     step = functools.partial(local_step, opts, h, hvp=hvp)
@@ -363,8 +365,9 @@ def _step(opts: Options, h: Hyperparams, updates, state, params, grad_fn=None):
         # direction into their buffer) rather than from a fresh array of zeros.
         init = [x if (x.shape, x.dtype) == (y.shape, y.dtype) else jnp.zeros_like(y)
                 for x, y in zip(pick(g), pick(d))]
-        d_multi, where = _numerics.at_most_once(
-            finite, lambda _: (pick(d), where), (init, jax.tree.map(jnp.zeros_like, where)))
+        d_multi, where = _xla_hints.once(
+            "direction_split", finite, lambda _: (pick(d), where),
+            (init, jax.tree.map(jnp.zeros_like, where)))
         d, offsets = merge(d, d_multi), merge([None] * len(d), where)
     out = layout.unpack(d, dtypes=g_dtypes, offsets=offsets)
     return jax.tree.map(lambda o, u: jnp.where(finite, o, u), out, updates), new

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import mlbfgs_optax
+from examples.common import make_mlbfgs
 
 NUM_STEPS = 13
 T = 3
@@ -38,7 +39,7 @@ def _loss(p):
 
 @functools.lru_cache(maxsize=None)
 def _setup(history_dtype=None):
-    opt = mlbfgs_optax.mlbfgs(
+    opt = make_mlbfgs(
         optax.cosine_decay_schedule(0.05, 50), memory_size=3, update_period=T, beta=0.5,
         weight_decay=1e-3, momentum=0.9, pair_momentum=0.5, refresh_grad_average=True,
         tau_max=0.99, history_dtype=history_dtype,
@@ -238,8 +239,8 @@ def test_orbax_restore_onto_other_device_counts_continues_the_run(tmp_path):
           "b": jnp.asarray(rng.normal(size=8), jnp.float32)}
     # The abstract state comes from unsharded params and is then sharded FSDP-style: its
     # buckets must be stacked to follow the params' specs.
-    opt = mlbfgs_optax.mlbfgs(0.05, memory_size=3, update_period=T, beta=0.5, momentum=0.9,
-                              packing="stacked")
+    opt = make_mlbfgs(0.05, memory_size=3, update_period=T, beta=0.5, momentum=0.9,
+                      packing="stacked")
     loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2 * jnp.arange(8.0)[None]) + jnp.sum(jnp.cos(p["b"]))
 
     @jax.jit

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mlbfgs_optax
+from examples.common import make_mlbfgs
 
 N_DEV = 8
 K = 16  # two blocks per device
@@ -72,7 +73,7 @@ def test_tolerance_detects_wrong_blocks():
     with jax.enable_x64(True):
         params, grad = _problem()
         other = dict(KW, blocks=mlbfgs_optax.EqualSlices(K // 2))
-        p, _ = _run(mlbfgs_optax.mlbfgs(0.1, **other), params, grad)
+        p, _ = _run(make_mlbfgs(0.1, **other), params, grad)
         diff = max(float(np.max(np.abs(np.asarray(a) - b)))
                    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(_reference(False))))
         assert diff > 1e-3
@@ -82,7 +83,7 @@ def test_tolerance_detects_wrong_blocks():
 def _reference(normalize):
     with jax.enable_x64(True):
         params, grad = _problem()
-        opt = mlbfgs_optax.mlbfgs(0.1, normalize=normalize, **KW)
+        opt = make_mlbfgs(0.1, normalize=normalize, **KW)
         p, st = _run(opt, params, grad)
         assert int(jnp.min(st[0].num_pairs)) == 4
         return jax.tree.map(np.asarray, p)
@@ -117,7 +118,7 @@ def test_gspmd_matches_single_device(axis_type, normalize, set_mesh, jit_init):
         mesh = jax.make_mesh((N_DEV,), ("data",),
                              axis_types=(getattr(jax.sharding.AxisType, axis_type),))
         params, grad = _problem()
-        opt = mlbfgs_optax.mlbfgs(0.1, normalize=normalize, mesh=mesh, axis_name="data", **KW)
+        opt = make_mlbfgs(0.1, normalize=normalize, mesh=mesh, axis_name="data", **KW)
         with (jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext()):
             state0 = jax.jit(opt.init)(params) if jit_init else opt.init(params)
             assert _spec(state0[0].s_history[0]) == P("data")
@@ -168,7 +169,7 @@ def test_shard_map_with_axis_name_matches_single_device():
     with jax.enable_x64(True):
         mesh = jax.make_mesh((N_DEV,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
         params, grad = _problem()
-        opt = mlbfgs_optax.mlbfgs(0.1, axis_name="data", **KW)
+        opt = make_mlbfgs(0.1, axis_name="data", **KW)
         state = opt.init(params)  # global state; shard_map hands each device its rows
         specs = mlbfgs_optax.state_partition_specs(state, "data")
 
@@ -186,7 +187,7 @@ def test_shard_map_with_axis_name_matches_single_device():
 def test_pmap_with_axis_name_matches_single_device():
     with jax.enable_x64(True):
         params, grad = _problem()
-        opt = mlbfgs_optax.mlbfgs(0.1, axis_name="data", **KW)
+        opt = make_mlbfgs(0.1, axis_name="data", **KW)
         replicated = jax.tree.map(lambda x: jnp.stack([x] * N_DEV), params)
         state = jax.pmap(opt.init, axis_name="data")(replicated)
         # Each device holds only its K / N blocks.
@@ -238,8 +239,8 @@ def test_fsdp_style_params_need_no_collective():
         flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(params)])
         n_b = -(-flat.size // K)
         flat = jnp.pad(flat, (0, K * n_b - flat.size)).reshape(K, n_b)
-        opt = mlbfgs_optax.mlbfgs(0.1, mesh=mesh, axis_name="data", **KW)
-        single = mlbfgs_optax.mlbfgs(0.1, **KW)
+        opt = make_mlbfgs(0.1, mesh=mesh, axis_name="data", **KW)
+        single = make_mlbfgs(0.1, **KW)
         target = jnp.asarray(np.linspace(-1.0, 2.0, flat.size).reshape(flat.shape))
         grad_fn = lambda p, t: 2.0 * (p - target) * (1.0 + t)
         p_ref, _ = _run(single, flat, grad_fn)
@@ -344,7 +345,7 @@ def _follow_reference(layout):
     blocks = _FOLLOW_BLOCKS[layout]
     with jax.enable_x64(True):
         params, grad = _follow_problem(jnp.float64)
-        opt = mlbfgs_optax.mlbfgs(0.05, blocks=blocks, **PAIRS_KW)
+        opt = make_mlbfgs(0.05, blocks=blocks, **PAIRS_KW)
         return _follow_run(opt, params, grad)[0]
 
 
@@ -392,7 +393,7 @@ def test_state_follows_param_sharding_and_matches_one_device(layout, axis_type, 
         # Auto axes: the abstract state is made without a mesh in context, where init
         # cannot see the params' sharding; the state is to follow it: packing="stacked".
         packing = "stacked" if axis_type == "Auto" else "auto"
-        opt = mlbfgs_optax.mlbfgs(0.05, blocks=blocks, packing=packing, **PAIRS_KW)
+        opt = make_mlbfgs(0.05, blocks=blocks, packing=packing, **PAIRS_KW)
         ref = _follow_reference(layout)
         init = _follow_init(opt, params, mesh, specs, axis_type, set_mesh)
         sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
@@ -410,7 +411,7 @@ def test_state_follows_param_sharding_in_float32():
     shape, names, specs = _LAYOUTS["fsdp"]
     mesh = jax.make_mesh(shape, names)
     params, grad = _follow_problem(jnp.float32)
-    opt = mlbfgs_optax.mlbfgs(0.05, **PAIRS_KW)
+    opt = make_mlbfgs(0.05, **PAIRS_KW)
     ref, _, _ = _follow_run(opt, params, grad)
     sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
     p, st, _ = _follow_run(opt, sharded, grad)
@@ -460,9 +461,9 @@ def test_map_params_and_state_partition_specs_agree(blocks):
     params = {"w": jnp.zeros((16, 8)), "b": jnp.zeros(8)}
     pspecs = {"w": P("x"), "b": P(None)}
     # Unsharded params: "stacked" packing asked for, as for params sharded later.
-    for opt in (mlbfgs_optax.mlbfgs(0.1, blocks=blocks, packing="stacked"),
-                mlbfgs_optax.mlbfgs(0.1, blocks=blocks, momentum=0.9, weight_decay=1e-4,
-                                    packing="stacked")):
+    for opt in (make_mlbfgs(0.1, blocks=blocks, packing="stacked"),
+                make_mlbfgs(0.1, blocks=blocks, momentum=0.9, weight_decay=1e-4,
+                            packing="stacked")):
         state = opt.init(params)
         mapped = optax.tree.map_params(opt, lambda _, s: s, state, pspecs,
                                        transform_non_params=lambda _: None)
@@ -473,8 +474,9 @@ def test_map_params_and_state_partition_specs_agree(blocks):
         # and state_partition_specs gives each stacked bucket its leaves' spec.
         for name in mlbfgs_optax.ScaleByMLBFGSState._fields:
             assert getattr(found, name) is None, name
-        w_bucket = [j for j, b in enumerate(state[0].layout.buckets)
-                    if state[0].layout.paths[b.leaves[0]] == "['w']"][0]
+        layout = mlbfgs_optax.find_mlbfgs_state(state).layout
+        w_bucket = [j for j, b in enumerate(layout.buckets)
+                    if layout.paths[b.leaves[0]] == "['w']"][0]
         assert mine.grads_avg[w_bucket] == P(None, "x")
         assert mine.s_history[w_bucket] == P(None, None, "x")
         assert mine.s_history[1 - w_bucket] == P(None, None, None)

@@ -170,3 +170,28 @@ def test_parsers_find_what_they_should(tmp_path):
     assert _links(page.read_text(encoding="utf-8")) == [
         "guide.md#anchor", "../fig.png", "other.md"
     ]
+
+
+README = ROOT / "README.md"
+
+
+def test_readme_links_exist_and_it_is_short():
+    text = README.read_text(encoding="utf-8")
+    missing = [t for t in _links(text) if not _target_path(ROOT, t).exists()]
+    assert not missing, f"README.md links missing targets: {missing}"
+    assert len(text.splitlines()) <= 200
+
+
+def test_readme_renders_with_its_tables_and_images():
+    """Rendered as GitHub does (CommonMark with tables): every table is a table, every
+    image a PNG file in the repository."""
+    markdown_it = pytest.importorskip("markdown_it")
+    text = README.read_text(encoding="utf-8")
+    html = markdown_it.MarkdownIt("commonmark").enable("table").render(text)
+    rows = [line for line in _strip_code(text).splitlines() if re.match(r"^\|[-: |]+\|$", line)]
+    assert html.count("<table>") == len(rows) >= 2  # each |---| line opened a table
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert images, "the README shows its results plot"
+    for src in images:
+        path = _target_path(ROOT, src)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src

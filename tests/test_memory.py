@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import mlbfgs_optax
+from examples.common import make_mlbfgs
 
 PARAMS = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32), "v": jnp.zeros((48,))}
 NUM = 64 * 32 + 32 + 48
@@ -16,8 +17,8 @@ NUM = 64 * 32 + 32 + 48
 @pytest.mark.parametrize("history_dtype, averages_dtype",
                          [(None, None), (jnp.bfloat16, None), (None, jnp.bfloat16)])
 def test_counts_every_parameter_sized_field(memory_size, history_dtype, averages_dtype):
-    opt = mlbfgs_optax.mlbfgs(1e-3, memory_size=memory_size, history_dtype=history_dtype,
-                              averages_dtype=averages_dtype)
+    opt = make_mlbfgs(1e-3, memory_size=memory_size, history_dtype=history_dtype,
+                      averages_dtype=averages_dtype)
     state = opt.init(PARAMS)
     # The packed buffers pad each leaf to whole rows: count the numbers they hold.
     layout = mlbfgs_optax.find_mlbfgs_state(state).layout

@@ -288,7 +288,7 @@ def test_chain_multisteps_and_extra_args():
 
 def test_inject_hyperparams():
     tx = optax.inject_hyperparams(mlbfgs_optax.mlbfgs, static_args=("memory_size",))(
-        learning_rate=0.1, memory_size=5, beta=0.9, update_period=2, pair_warmup=0)
+        learning_rate=0.1, memory_size=5, beta=0.9, update_period=2)
     params = jnp.ones(3)
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -490,8 +490,11 @@ def test_hessian_vector_pairs_are_exact_under_gradient_noise():
     a = jnp.asarray(q @ q.T + np.eye(5), jnp.float32)
     lam = 1e-2
     f = lambda p: 0.5 * p["w"] @ a @ p["w"] + jnp.sum(p["w"])
-    tx = mlbfgs_optax.mlbfgs(0.05, memory_size=10, update_period=2, beta=0.5,
-                             weight_decay=lam, curvature="hessian_vector", **NO_DAMPING)
+    inner = lambda **kw: mlbfgs_optax.scale_by_mlbfgs(
+        learning_rate=0.05, momentum=0.9, memory_size=10, update_period=2, beta=0.5,
+        **NO_DAMPING, **kw)
+    tx = optax.chain(optax.add_decayed_weights(lam), inner(curvature="hessian_vector"),
+                     optax.scale_by_learning_rate(0.05))
     p = {"w": jnp.ones(5)}
     state = tx.init(p)
 
@@ -503,14 +506,14 @@ def test_hessian_vector_pairs_are_exact_under_gradient_noise():
 
     for _ in range(12):
         p, state = step(p, state, {"w": jnp.asarray(rng.normal(size=5), jnp.float32)})
-    st = state[0]
+    st = state[1]
     s, y = np.asarray(st.unpacked("s_history")["w"]), np.asarray(st.unpacked("y_history")["w"])
     stored = np.asarray(st.rho[0]) != 0
     assert stored.sum() == 5
     # grad_fn is the caller's gradient; the weight decay is not in it.
     np.testing.assert_allclose(y[stored], s[stored] @ np.asarray(a).T, rtol=1e-4, atol=1e-6)
-    plain = mlbfgs_optax.mlbfgs(0.05, update_period=2, beta=0.5,
-                                **NO_DAMPING)
+    plain = optax.chain(optax.add_decayed_weights(lam), inner(),
+                        optax.scale_by_learning_rate(0.05))
     pstate = plain.init({"w": jnp.ones(5)})
     assert jax.tree.structure(pstate) == jax.tree.structure(state)  # same state
 
@@ -534,10 +537,14 @@ def test_hessian_vector_pairs_through_inject_hyperparams_and_multisteps():
     """optax's wrappers pass ``grad_fn`` on; pairs get stored through each."""
     f = lambda p: jnp.sum(jnp.array([1.0, 10.0]) * p ** 2)
     p = jnp.ones(2)
-    inject = optax.inject_hyperparams(mlbfgs_optax.mlbfgs, static_args=("memory_size",))(
-        learning_rate=0.01, curvature="hessian_vector", update_period=2, pair_warmup=0)
-    multi = optax.MultiSteps(mlbfgs_optax.mlbfgs(0.01, curvature="hessian_vector",
-                                                 update_period=2, pair_warmup=0), 2)
+
+    def chain(learning_rate):
+        return optax.chain(mlbfgs_optax.scale_by_mlbfgs(
+            learning_rate=learning_rate, curvature="hessian_vector", update_period=2,
+            pair_warmup=0, momentum=0.9), optax.scale_by_learning_rate(learning_rate))
+
+    inject = optax.inject_hyperparams(chain)(learning_rate=0.01)
+    multi = optax.MultiSteps(chain(0.01), 2)
     for tx, inner in ((inject, lambda s: s.inner_state[0]),
                       (multi, lambda s: s.inner_opt_state[0])):
         step = jax.jit(lambda g, s, q, tx=tx: tx.update(g, s, q, grad_fn=jax.grad(f)))
@@ -621,7 +628,7 @@ def test_weight_decay_modes(mode):
     f = lambda p: jnp.sum((p["w"] - 3.0) ** 2 * jnp.arange(1.0, 5.0))
     params = {"w": jnp.ones(4), "b": jnp.zeros(2)}
     lr, lam = 0.05, 0.1
-    kw = dict(update_period=2, beta=0.5, pair_warmup=0)
+    kw = dict(update_period=2, beta=0.5)
     grad = lambda p: {"w": jax.grad(f)(p)["w"], "b": jnp.ones(2)}
     inner = mlbfgs_optax.scale_by_mlbfgs(learning_rate=lr, momentum=0.9, **kw)
     decay = optax.add_decayed_weights(lam)

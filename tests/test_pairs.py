@@ -27,7 +27,9 @@ def _setup(blocks="leaf", seed=0, **kw):
                 blocks=blocks, sigma_yy=None, cache_gram=True, bias_correction=True,
                 history_dtype=None, averages_dtype=None, curvature_eps=None, axis_name=None,
                 mesh=None, metric="identity", metric_decay=0.999, metric_eps=1e-8,
-                step_bound=None, roundoff_rejection=None, learning_rate=None, pair_warmup=0)
+                step_bound=None, roundoff_rejection=None, learning_rate=None, pair_warmup=0,
+                curvature="gradient_difference", packing="auto", momentum=None,
+                pair_form="full")
     args.update(kw)
     opts, h = _options.make_options(**args)
     dt = _state.dtypes(layout)

@@ -24,6 +24,7 @@ import optax
 import pytest
 
 import mlbfgs_optax
+from examples.common import make_mlbfgs
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -483,8 +484,8 @@ def test_large_magnitude_pairs_give_finite_direction():
 def test_low_precision_params(dtype, history_dtype):
     # sigma_low=0.1: the pairs lengthen the step on this deterministic quadratic, so the
     # low-precision history is exercised by every direction
-    tx = mlbfgs_optax.mlbfgs(0.01, memory_size=3, update_period=2, beta=0.5, sigma_low=0.1,
-                             history_dtype=history_dtype)
+    tx = make_mlbfgs(0.01, memory_size=3, update_period=2, beta=0.5, sigma_low=0.1,
+                     history_dtype=history_dtype)
     step = jax.jit(tx.update)
     p = _params(dtype)
     st = tx.init(p)
@@ -603,8 +604,8 @@ def _noisy_quadratic_run(num_steps, dim=20, cond=100.0, noise=0.1, seed=0):
     x_star = jnp.asarray(rng.standard_normal(dim), jnp.float32)
     loss = lambda x: 0.5 * (x - x_star) @ a @ (x - x_star)  # noqa: E731
     sched = optax.cosine_decay_schedule(0.1, num_steps, alpha=0.001)
-    opt = mlbfgs_optax.mlbfgs(sched, memory_size=10, update_period=10, beta=0.99, momentum=0.9,
-                              sigma_low=0.1, sigma_high=1.5, tau_max=0.99, normalize=True)
+    opt = make_mlbfgs(sched, memory_size=10, update_period=10, beta=0.99, momentum=0.9,
+                      sigma_low=0.1, sigma_high=1.5, tau_max=0.99, normalize=True)
     x0 = jnp.zeros(dim, jnp.float32)
 
     @jax.jit

@@ -115,6 +115,7 @@ sys.path.insert(0, str(_ROOT))
 
 import mlbfgs_optax
 from examples.benchmarks import harness
+from examples.common import make_mlbfgs
 
 
 def _library_loaded() -> str:
@@ -389,13 +390,13 @@ def make_optimizer(name: str, model: Model, **kw) -> optax.GradientTransformatio
     blocks = {"mlbfgs": "leaf", "mlbfgs_paper": "leaf", "mlbfgs_all": "all",
               "mlbfgs_slices8": mlbfgs_optax.EqualSlices(8)}
     if name == "mlbfgs_labels":
-        return mlbfgs_optax.mlbfgs(LR, blocks=model.labels(model.params), **kw)
+        return make_mlbfgs(LR, blocks=model.labels(model.params), **kw)
     if name == "mlbfgs_paper":
-        return mlbfgs_optax.mlbfgs(LR, **dict(mlbfgs_optax.paper_defaults, **kw))
+        return make_mlbfgs(LR, **dict(mlbfgs_optax.paper_defaults, **kw))
     if name == "mlbfgs_stacked":
-        return mlbfgs_optax.mlbfgs(LR, packing="stacked", **kw)
+        return make_mlbfgs(LR, packing="stacked", **kw)
     if name in blocks:
-        return mlbfgs_optax.mlbfgs(LR, blocks=blocks[name], **kw)
+        return make_mlbfgs(LR, blocks=blocks[name], **kw)
     raise ValueError(f"unknown optimizer {name!r}")
 
 

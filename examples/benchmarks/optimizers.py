@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 import mlbfgs_optax
+from examples.common import make_mlbfgs
 
 M = 10  # L-BFGS memory for every quasi-Newton optimizer here
 
@@ -57,7 +58,8 @@ class OptSpec:
 # The library's current defaults, read from its signature for the labels and the memory
 # model only: ``mlbfgs_default`` passes nothing but the learning rate, so it always runs
 # whatever the installed library defaults to.
-_SIG_DEFAULTS = {k: v.default for k, v in inspect.signature(mlbfgs_optax.mlbfgs).parameters.items()
+_SIG_DEFAULTS = {k: v.default for f in (mlbfgs_optax.scale_by_mlbfgs, mlbfgs_optax.mlbfgs)
+                 for k, v in inspect.signature(f).parameters.items()
                  if v.default is not inspect.Parameter.empty}
 LIB_DEFAULTS = {k: _SIG_DEFAULTS[k] for k in (
     "memory_size", "update_period", "beta", "sigma_low", "sigma_high", "tau_max",
@@ -92,7 +94,7 @@ def mlbfgs_words(memory_size, update_period, momentum=False, weight_decay=False,
 
 
 def _mlbfgs(**kw):
-    return lambda lr: mlbfgs_optax.mlbfgs(learning_rate=lr, **kw)
+    return lambda lr: make_mlbfgs(learning_rate=lr, **kw)
 
 
 def _adamw(lr):

@@ -67,6 +67,7 @@ import optax
 
 import mlbfgs_optax
 from examples.benchmarks import harness
+from examples.common import make_mlbfgs
 
 DEFAULT_OUT = os.path.join(harness.DEFAULT_OUT, "pinn")
 WIDTH, DEPTH = 50, 4  # tanh hidden layers
@@ -320,7 +321,7 @@ MLBFGS_VARIANTS = {
                    lambda s: mlbfgs_optax.mlbfgs(s, beta=0.0, update_period=1), ADAM_GRID,
                    False, 0),
     "mlbfgs_hvp": ("mlbfgs(lr, beta=0, curvature='hessian_vector')",
-                   lambda s: mlbfgs_optax.mlbfgs(s, beta=0.0, curvature="hessian_vector"),
+                   lambda s: make_mlbfgs(s, beta=0.0, curvature="hessian_vector"),
                    ADAM_GRID, True, 10),
 }
 
@@ -679,7 +680,7 @@ def ablation_method(name: str, centre: float, minibatch: bool = False,
     grid = tuple(round(centre + 0.5 * (i - ABLATION_GRID_POINTS // 2), 2)
                  for i in range(ABLATION_GRID_POINTS))
     return Method("abl_" + name + ("_mb" if minibatch else ""), label, grid=grid,
-                  make=lambda s: mlbfgs_optax.mlbfgs(s, **kw), minibatch=minibatch,
+                  make=lambda s: make_mlbfgs(s, **kw), minibatch=minibatch,
                   cosine=cos)
 
 

@@ -40,6 +40,7 @@ from flax.training import train_state
 import mlbfgs_optax
 from examples.benchmarks import harness, scale_tasks
 from examples.benchmarks.optimizers import SPEC_BY_NAME
+from examples.common import make_mlbfgs
 
 OPTIMIZERS = ("sgd", "adamw", "mlbfgs_default", "mlbfgs_authors", "nsgdm")
 WARMUP_FRACTION = 0.05
@@ -61,7 +62,7 @@ def warmup_cosine(lr, total_steps: int):
 def _make_tx(opt: str, lr, steps: int, bf16: bool = False):
     sched = warmup_cosine(lr, steps)
     if bf16:
-        return mlbfgs_optax.mlbfgs(learning_rate=sched, history_dtype=jnp.bfloat16)
+        return make_mlbfgs(learning_rate=sched, history_dtype=jnp.bfloat16)
     return SPEC_BY_NAME[opt].make(sched)
 
 

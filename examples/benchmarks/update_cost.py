@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import inspect
 import json
 import os
@@ -153,13 +154,15 @@ def build(case: dict, params, mesh=None) -> dict:
         probe = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(0, 1))
         state = tx.init(placed)
         t0 = time.perf_counter()
-        compiled = probe.lower(placed, state, placed).compile()
+        lowered = probe.lower(placed, state, placed)
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
+        program = hashlib.sha1(lowered.as_text().encode()).hexdigest()[:12]
         mem = compiled.memory_analysis()
         del compiled, state
         timer = StepTimer(tx, placed, case["period"])
     n = sum(x.size for x in jax.tree.leaves(params))
-    return {"timer": timer, "compile_s": compile_s,
+    return {"timer": timer, "compile_s": compile_s, "program": program,
             "temp_vectors": (mem.temp_size_in_bytes / (4 * n)) if mem is not None else None}
 
 
@@ -200,7 +203,7 @@ def run_cases(specs: list[dict], trees: dict, rounds: int, calls: int, mesh=None
         rows.append({
             "pytree": tree_name, "name": c["name"], "placement": c.get("placement"),
             "num_params": n, "leaves": len(jax.tree.leaves(t.params)),
-            "period": c["period"], "compile_s": b["compile_s"],
+            "period": c["period"], "compile_s": b["compile_s"], "program": b["program"],
             "ordinary_ms": ordinary * 1e3, "pair_ms": pair * 1e3 if pair else None,
             "floor_ms": floor_ord * 1e3,
             "floor_pair_ms": fl["pair"] * n / bw * 1e3 if fl["pair"] else None,

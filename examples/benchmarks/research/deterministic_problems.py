@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 import mlbfgs_optax
+from examples.common import make_mlbfgs
 
 
 def grid(lo, hi):
@@ -50,9 +51,9 @@ OPTS = {
     "sgd": (lambda s: optax.sgd(s, momentum=0.9), False),
     "adamw": (lambda s: optax.adamw(s, weight_decay=1e-4), False),
     "mlbfgs_default": (lambda s: mlbfgs_optax.mlbfgs(s), False),
-    "mlbfgs_hvp": (lambda s: mlbfgs_optax.mlbfgs(s, curvature="hessian_vector"), True),
-    "mlbfgs_hvp_beta0": (lambda s: mlbfgs_optax.mlbfgs(s, curvature="hessian_vector",
-                                                       beta=0.0), True),
+    "mlbfgs_hvp": (lambda s: make_mlbfgs(s, curvature="hessian_vector"), True),
+    "mlbfgs_hvp_beta0": (lambda s: make_mlbfgs(s, curvature="hessian_vector",
+                                               beta=0.0), True),
     "mlbfgs_sigma_low_0.01": (lambda s: mlbfgs_optax.mlbfgs(s, sigma_low=0.01), False),
     "abl_no_pairs": (lambda s: mlbfgs_optax.mlbfgs(s, update_period=10 ** 9), False),
     "mlbfgs_previous": (lambda s: mlbfgs_optax.mlbfgs(s, pair_form="full", sigma_low=0.1),
@@ -65,8 +66,8 @@ OPTS = {
     "abl_memory_3": (lambda s: mlbfgs_optax.mlbfgs(s, memory_size=3), False),
     "abl_memory_10": (lambda s: mlbfgs_optax.mlbfgs(s, memory_size=10), False),
     "abl_memory_2": (lambda s: mlbfgs_optax.mlbfgs(s, memory_size=2), False),
-    "abl_history_bf16": (lambda s: mlbfgs_optax.mlbfgs(s, history_dtype=jnp.bfloat16), False),
-    "abl_averages_bf16": (lambda s: mlbfgs_optax.mlbfgs(s, averages_dtype=jnp.bfloat16), False),
+    "abl_history_bf16": (lambda s: make_mlbfgs(s, history_dtype=jnp.bfloat16), False),
+    "abl_averages_bf16": (lambda s: make_mlbfgs(s, averages_dtype=jnp.bfloat16), False),
 }
 STEPS, EVERY, TARGET = 50_000, 5_000, 1e-8
 

@@ -41,6 +41,7 @@ import optax
 
 import mlbfgs_optax
 from examples.benchmarks import tasks as tasks_mod
+from examples.common import make_mlbfgs
 
 ROOT = os.path.join(os.path.dirname(__file__), "final_loss")
 GRID = tuple(float(f"{10 ** (-3.5 + k / 2):.3g}") for k in range(6))  # 3.16e-4 ... 0.1
@@ -54,7 +55,7 @@ FINAL_SUBSET = 4096
 
 
 def _mlbfgs(**kw):
-    return lambda sched: mlbfgs_optax.mlbfgs(learning_rate=sched, **kw)
+    return lambda sched: make_mlbfgs(learning_rate=sched, **kw)
 
 
 #: name -> (label, factory of an optax transformation from a schedule)

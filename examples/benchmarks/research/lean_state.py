@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import mlbfgs_optax
+from examples.common import make_mlbfgs
 
 ROOT = os.path.join(os.path.dirname(__file__), "lean_state")
 BASE = "mlbfgs_default"  # memory_size=10, float32: the defaults when these runs were made
@@ -128,7 +129,7 @@ def det_columns(res: dict) -> dict:
 def bytes_per_param() -> dict:
     params = {"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}
     return {k: mlbfgs_optax.state_bytes_per_param(
-        jax.eval_shape(mlbfgs_optax.mlbfgs(1e-3, **kw).init, params), params)
+        jax.eval_shape(make_mlbfgs(1e-3, **kw).init, params), params)
         for k, (_, _, kw) in VARIANTS.items()}
 
 

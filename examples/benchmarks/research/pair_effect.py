@@ -29,6 +29,7 @@ import mlbfgs_optax
 from examples.benchmarks import batch_scaling, scale
 from examples.benchmarks.harness import batch_grad_fn, cosine
 from examples.benchmarks.tasks import make_task
+from examples.common import make_mlbfgs
 
 
 def main():
@@ -57,7 +58,7 @@ def main():
         sched = cosine(args.lr, steps)
         name = f"{args.task} batch {batch}"
     kw = dict(curvature=args.curvature, sigma_low=args.sigma_low, step_bound=args.step_bound)
-    tx = mlbfgs_optax.mlbfgs(sched, **kw)
+    tx = make_mlbfgs(sched, **kw)
     inner = mlbfgs_optax.scale_by_mlbfgs(learning_rate=sched, **kw)
     hvp = args.curvature != "gradient_difference"
     x, y = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
