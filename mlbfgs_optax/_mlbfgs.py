@@ -102,12 +102,9 @@ def scale_by_mlbfgs(
         float32 parameter at the default 2, see
         :func:`~mlbfgs_optax.state_bytes_per_param`) and an ordinary step
         streams the history twice, :math:`4M` of its :math:`4M + 9` words per
-        parameter. The trade, measured (``examples/benchmarks/research/lean_state.md``):
-        on every network task of our benchmarks :math:`M = 2` reached the
-        targets in the steps of :math:`M = 10` (3 seeds), with 2.6x less state;
-        on ill-conditioned deterministic problems (a condition-1e4 quadratic)
-        :math:`M = 10` needs 1.7x fewer steps. :data:`~mlbfgs_optax.paper_defaults`
-        keeps the paper's 10.
+        parameter. Ill-conditioned deterministic problems want a longer history
+        than networks do (``examples/benchmarks/research/lean_state.md``);
+        :data:`~mlbfgs_optax.paper_defaults` keeps the paper's 10.
       update_period: :math:`T`, calls between curvature pairs (int >= 1).
       beta: :math:`\beta \in [0, 1)`, EMA coefficient of the parameter and
         gradient averages. ``beta=0, update_period=1`` is plain (damped)
@@ -147,8 +144,7 @@ def scale_by_mlbfgs(
       cache_gram: keep the Gram matrices :math:`S^\top Y` and :math:`Y^\top Y`
         of every block in the state (:math:`2M^2` numbers per block, updated
         when a pair is stored) and evaluate the two-loop recursion from them,
-        reading the history in two streaming passes (1.2x to 1.4x faster at
-        :math:`M = 10` in our CPU measurements). ``False`` runs the plain ``lax.scan``
+        reading the history in two streaming passes. ``False`` runs the plain ``lax.scan``
         two-loop over the history (:math:`2M` dependent passes) and keeps only
         :math:`O(M)` numbers per block.
       bias_correction: form pairs from the bias-corrected averages
@@ -235,14 +231,11 @@ def scale_by_mlbfgs(
         Auto-axis sharding: pass ``"stacked"`` for a state sharded like the
         params there. In these modes the 8 largest leaves of 65,536 or more
         numbers are each a ``(1, *shape)`` buffer of their own, read and
-        written in place (about 0.3-1 s of compile time each on CPU); with
-        ``"auto"`` the other leaves of that size are stacked by shape (at
-        most 8 stacks) rather than row-packed.
+        written in place; with ``"auto"`` the other leaves of that size are
+        stacked by shape (at most 8 stacks) rather than row-packed.
         ``"leaves"``: as ``"auto"``, but every leaf of 65,536 or more numbers
         a buffer of its own: for models with many such leaves, a faster step
-        for a longer compile (measured on CPU only, GPT-2 small's 148 leaves
-        at width 256, memory 10: ordinary step 1.35x faster than ``"auto"``'s,
-        update compile 2x longer; the benchmarks page has the table).
+        for a longer compile (the update-cost study has the trade).
         Ignored with :class:`~mlbfgs_optax.EqualSlices` (one flat buffer).
       momentum: :math:`\mu \in [0, 1)`: the output is the debiased EMA of
         the direction, :math:`m \leftarrow \mu m + (1-\mu) d`,

@@ -6,7 +6,18 @@ on which platform. Every use names its *site*, and
 ``examples/benchmarks/research/xla_hints.py`` measures the update's compile and
 step time with each site replaced by its plain equivalent (the barrier by its
 operand, the loop by its body, the platform choice by the default product), at
-real widths; its results file, ``xla_hints.md``, is why each kept site is here.
+real widths (its results: ``xla_hints.md`` and, one compile per process,
+``xla_hints_fresh.md``; measured on CPU only). What each kept site buys there:
+
+* ``direction_split`` (:func:`once`): the update compiles in 1.6-1.7x less time
+  on the many-leaf pytrees (GPT-2's and ResNet-50's structures).
+* ``block_indices`` (:func:`opaque_block_indices`): 1.2x less compile time on
+  GPT-2's structure, with the default packing and with ``packing="leaves"``.
+* ``pair_candidate``, ``packed_leaves``, ``block_values``, ``stacked_inputs``
+  (:func:`hold`): together, 1.2x less compile time on GPT-2's structure; their
+  effect on the step is within the measurement's noise.
+* ``bf16_history`` (:func:`per_platform`): with a bfloat16 history, an ordinary
+  step 1.2-1.7x faster on CPU.
 """
 
 from __future__ import annotations

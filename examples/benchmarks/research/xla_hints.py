@@ -23,11 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
+import numpy as np
 
 import mlbfgs_optax
-from examples.benchmarks import update_cost
+from examples.benchmarks import harness, update_cost
 from mlbfgs_optax import _update
 from mlbfgs_optax import _xla_hints
 
@@ -61,36 +64,43 @@ def _maker(kw: dict, removed: tuple):
     def make():
         _REMOVED.clear()
         _REMOVED.update(SITES if removed == ("all",) else removed)
+        _REMOVED.discard("all")
         return mlbfgs_optax.scale_by_mlbfgs(update_period=update_cost.PERIOD, **kw)
     return make
 
 
-def specs(tree: str) -> list[dict]:
+def specs(tree: str, together: tuple = ()) -> list[dict]:
+    """Every variant of the configurations on ``tree``; with ``together``, the defaults
+    as they are and without those sites at once (an A/B of removing them)."""
+    configs = CONFIGS if not together else (("defaults", {}, ("+".join(together),), (tree,)),)
     out = []
-    for config, kw, sites, trees in CONFIGS:
+    for config, kw, sites, trees in configs:
         if tree not in trees:
             continue
-        for removed in [()] + [(s,) for s in sites]:
-            name = "as is" if not removed else f"without {removed[0]}"
+        for removed in [()] + [tuple(s.split("+")) for s in sites] + [None]:
+            # None: the update as it is once more, built and timed last (a control of
+            # the order: its ratio is the noise of a row against the first).
+            name = ("as is" if removed == () else "as is, again (control)" if removed is None
+                    else "without " + " + ".join(removed))
             out.append(dict(name=f"{config} | {name}", period=update_cost.PERIOD,
-                            kind="mlbfgs", memory=2, tx=_maker(kw, removed)))
+                            kind="mlbfgs", memory=2, tx=_maker(kw, removed or ())))
     return out
 
 
 def table(rows: list[dict]) -> str:
-    base = {r["name"].split(" | ")[0] + r["pytree"]: r for r in rows
-            if r["name"].endswith("| as is")}
-    lines = ["| pytree | configuration | variant | compile s | ordinary ms | pair ms | "
+    key = lambda r: (r["name"].split(" | ")[0], r["pytree"], r.get("run", 1))
+    base = {key(r): r for r in rows if r["name"].endswith("| as is")}
+    lines = ["| pytree | run | configuration | variant | compile s | ordinary ms | pair ms | "
              "compile / as is | ordinary / as is | pair / as is |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         config, variant = r["name"].split(" | ")
-        b = base[config + r["pytree"]]
-        cells = [r["pytree"], config, variant, f"{r['compile_s']:.2f}",
+        b = base[key(r)]
+        cells = [r["pytree"], str(r.get("run", 1)), config, variant, f"{r['compile_s']:.2f}",
                  f"{r['ordinary_ms']:.1f}", f"{r['pair_ms']:.1f}"]
         if r is b:
             cells += ["", "", ""]
-        elif r["program"] == b["program"]:
+        elif r["program"] == b["program"] and "control" not in variant:
             cells += ["same program", "", ""]
         else:
             cells += [f"{r[k] / b[k]:.2f}" for k in ("compile_s", "ordinary_ms", "pair_ms")]
@@ -98,26 +108,94 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _compile_once(tree: str, name: str) -> float:
+    """The compile time of one variant's update, this process's second compile."""
+    _patch()
+    params = update_cost.pytrees(False)[tree][0]
+    removed = name.split("without ")[-1].split(" + ") if " + " in name else ()
+    by_name = {s["name"]: s for s in specs(tree, tuple(removed))}
+    update_cost.build(by_name["defaults | as is"], harness.dense_params(((64, 64),)))
+    return update_cost.build(by_name[name], params)["compile_s"]
+
+
+def fresh_compiles(trees: tuple, variants: tuple, repeats: int) -> list[dict]:
+    """Each variant's compile in a process of its own, the variants' order reversed on
+    every other repeat (a process's compiles slow down as it builds more timers)."""
+    rows = []
+    for rep in range(repeats):
+        for tree in trees:
+            for name in (variants if rep % 2 == 0 else variants[::-1]):
+                out = subprocess.run(
+                    [sys.executable, "-m", "examples.benchmarks.research.xla_hints",
+                     "--pytree", tree, "--compile-one", name],
+                    capture_output=True, text=True, check=True).stdout
+                rows.append(dict(pytree=tree, name=name, repeat=rep,
+                                 compile_s=float(out.split("COMPILE")[1])))
+                print(rows[-1], flush=True)
+    return rows
+
+
+def fresh_table(rows: list[dict]) -> str:
+    lines = ["| pytree | variant | compile s, each repeat | median / as is |", "|---|---|---|---|"]
+    med = lambda t, n: float(np.median([r["compile_s"] for r in rows
+                                        if (r["pytree"], r["name"]) == (t, n)]))
+    for t in dict.fromkeys(r["pytree"] for r in rows):
+        for n in dict.fromkeys(r["name"] for r in rows if r["pytree"] == t):
+            each = ", ".join(f"{r['compile_s']:.2f}" for r in rows
+                             if (r["pytree"], r["name"]) == (t, n))
+            lines.append(f"| {t} | {n.replace(' | ', ': ')} | {each} | {med(t, n) / med(t, 'defaults | as is'):.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pytree", choices=("mlp", "gpt2", "resnet50"), required=True)
+    p.add_argument("--pytree", choices=("mlp", "gpt2", "resnet50"))
+    p.add_argument("--compile-one", default="", help=argparse.SUPPRESS)
+    p.add_argument("--fresh", default="",
+                   help="comma-separated variants ('defaults | without block_indices', ...): "
+                        "their compile times, each in a process of its own")
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--run", type=int, default=1, help="which run of this pytree (kept apart)")
+    p.add_argument("--together", default="", help="comma-separated sites removed at once")
     args = p.parse_args(argv)
+    if args.compile_one:
+        print(f"COMPILE{_compile_once(args.pytree, args.compile_one)}")
+        return
+    if args.fresh:
+        trees = (args.pytree,) if args.pytree else ("gpt2", "resnet50")
+        rows = fresh_compiles(trees, tuple(args.fresh.split(",")), args.repeats)
+        with open(os.path.join(HERE, "xla_hints_fresh.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        text = ("# Compile time of the update, each variant in a process of its own\n\n"
+                f"Measured on CPU only ({os.cpu_count()} cores); the variants' order reversed "
+                "on every other repeat.\n\n" + fresh_table(rows) + "\n")
+        with open(os.path.join(HERE, "xla_hints_fresh.md"), "w") as f:
+            f.write(text)
+        print(text)
+        return
     _patch()
     trees = {args.pytree: update_cost.pytrees(False)[args.pytree]}
-    rows, _, _ = update_cost.run_cases(specs(args.pytree), trees, args.rounds, args.calls)
+    # A throwaway compile first: the process's first compile pays one-time costs.
+    together = tuple(t for t in args.together.split(",") if t)
+    update_cost.build(specs(args.pytree)[0], trees[args.pytree][0])
+    rows, _, _ = update_cost.run_cases(specs(args.pytree, together), trees, args.rounds,
+                                       args.calls)
+    for r in rows:
+        r["run"] = args.run
     path = os.path.join(HERE, "xla_hints.json")
     old = json.load(open(path)) if os.path.exists(path) else []
-    rows = [r for r in old if r["pytree"] != args.pytree] + rows
+    rows = [r for r in old if (r["pytree"], r.get("run", 1)) != (args.pytree, args.run)] + rows
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     order = {t: i for i, t in enumerate(("mlp", "gpt2", "resnet50"))}
-    rows.sort(key=lambda r: order[r["pytree"]])
+    rows.sort(key=lambda r: (order[r["pytree"]], r.get("run", 1)))
     text = ("# XLA hints against their removal\n\nThe update of `scale_by_mlbfgs` (M = 2, "
             f"T = 10), measured on CPU only ({os.cpu_count()} cores), {args.rounds} "
-            "interleaved rounds per pytree, least round median; ratios below 1: the "
-            "update is cheaper without the site.\n\n" + table(rows) + "\n")
+            "interleaved rounds per pytree and run (each run its own process, after one "
+            "throwaway compile, except in run 1), least round median; "
+            "ratios below 1: the update is cheaper without the site.\n\n" + table(rows) + "\n")
     with open(os.path.join(HERE, "xla_hints.md"), "w") as f:
         f.write(text)
     print(text)
