@@ -14,18 +14,14 @@ buckets, not by the number of parameter leaves or blocks.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlbfgs_optax import _numerics
 from mlbfgs_optax import _packing
 from mlbfgs_optax import _xla_hints
-
-if TYPE_CHECKING:
-    from mlbfgs_optax._layout import BlockLayout
 
 
 class BlockOps:
@@ -57,6 +53,12 @@ class BlockOps:
         out = jax.ops.segment_max(data, ids, num_segments=self.num_blocks)
         return jnp.maximum(out, jnp.zeros((), data.dtype))
 
+    @functools.cached_property
+    def whole_bucket_blocks(self) -> list[int]:
+        """The blocks that own every unit of some bucket, sorted (:meth:`per_unit` reads
+        their values at one index)."""
+        return sorted({b.unit_block[0] for b in self.buckets if _one_block(b.unit_block)})
+
     def per_unit(self, c: jax.Array, j: int) -> jax.Array:
         """Per-block values ``c`` (``(B, ...)``) for every unit of bucket ``j``: ``(U_j, ...)``.
 
@@ -64,7 +66,7 @@ class BlockOps:
         one block.
         """
         ub = self.buckets[j].unit_block
-        if ub and len(set(ub)) == 1 and c.shape[0] > 1:
+        if _one_block(ub) and c.shape[0] > 1:
             # One block: its value, a scalar (or ``(...)``) broadcast over the units;
             # at a traced index inside :func:`~mlbfgs_optax._xla_hints.opaque_block_indices`.
             at = _xla_hints.block_index(ub[0])
@@ -190,6 +192,11 @@ class BlockOps:
             w = jnp.broadcast_to(w, history.shape[:1])
         idx = jnp.where(w, idx, num_slots)
         return history.at[jnp.arange(history.shape[0]), idx].set(value, mode="drop")
+
+
+def _one_block(unit_block: tuple[int, ...]) -> bool:
+    """Every unit of a bucket belongs to the same block."""
+    return bool(unit_block) and len(set(unit_block)) == 1
 
 
 def _history_matvec(h: jax.Array, v: jax.Array, dtype) -> jax.Array:

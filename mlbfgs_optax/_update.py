@@ -229,9 +229,7 @@ def local_step(opts: Options, h: Hyperparams, layout, g, theta, state, finite,
     Hessian-vector product for ``curvature="hessian_vector"``, else None.
     """
     # ``count`` never falls below 0 (it saturates), but XLA cannot know it.
-    blocks = sorted({b.unit_block[0] for b in layout.buckets
-                     if b.unit_block and len(set(b.unit_block)) == 1})
-    with _xla_hints.opaque_block_indices(blocks, state.count >= 0):
+    with _xla_hints.opaque_block_indices(layout.whole_bucket_blocks, state.count >= 0):
         return _local_step(opts, h, layout, g, theta, state, finite, coll, hvp)
 
 
