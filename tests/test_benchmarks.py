@@ -388,6 +388,46 @@ def test_holdout_tasks_build_and_steps_to_target():
     assert (s["mlbfgs_default"]["steps_to_target"], s["mlbfgs_default"]["reached"]) == (None, 0)
 
 
+def test_final_loss_paired_table_compares_seed_by_seed(tmp_path):
+    """research/final_loss.py: the paired check's row is the per-seed ratio of the two
+    optimizers' final losses (a diverged seed counts as +inf, so as higher)."""
+    import json
+
+    from examples.benchmarks.research import final_loss
+
+    pr = {"lr": 0.01, "seeds": [0, 1, 2, 3], "names": ["no_pairs", "lib_defaults"],
+          "final": {"no_pairs": [1.0, 2.0, 4.0, 1.0], "lib_defaults": [0.5, 2.2, 4.4, None]}}
+    with open(tmp_path / "logreg.json", "w") as f:
+        json.dump({"task": "logreg", "runs": {}, "paired": pr}, f)
+    with open(tmp_path / "wine_raw_mlp.json", "w") as f:  # no paired check: no row
+        json.dump({"task": "wine_raw_mlp", "runs": {}}, f)
+    rows = [r for r in final_loss.paired_table(str(tmp_path)).splitlines()
+            if r.startswith("| ") and "task" not in r]
+    assert rows == ["| logreg | lib_defaults / no_pairs | 0.01 | 4 | 1.10 | 0.50–inf | 1 of 4 |"]
+
+
+def test_scale_summary_reports_the_final_training_loss():
+    """scale.py: the final training loss is the median over seeds of the last evaluation
+    period's mean mini-batch loss, a diverged seed counting as +inf."""
+    from examples.benchmarks import scale
+
+    class Task:
+        metric = "acc"
+
+    class Trainer:
+        compile_seconds, state_bytes, peak_bytes = 1.0, 8.0, None
+
+    def run(train, diverged=False):
+        return {"final_metric": 0.9, "train_loss": [float("nan"), 1.0, train],
+                "diverged": diverged, "step_seconds": 0.01}
+
+    Task.num_params = 1
+    runs = [run(0.3), run(0.1), run(0.2, diverged=True)]
+    s = scale._summary(Task(), runs, Trainer(), "0.01", ["0.001", "0.01", "0.1"])
+    assert s["final_train_loss_median"] == 0.3
+    assert s["lr"] == 0.01 and not s["lr_at_grid_edge"]
+
+
 def test_update_cost_quick_run(tmp_path):
     """The update-cost benchmark's quick mode runs and writes its tables (no timing checked)."""
     from examples.benchmarks import update_cost

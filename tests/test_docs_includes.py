@@ -195,3 +195,15 @@ def test_readme_renders_with_its_tables_and_images():
     for src in images:
         path = _target_path(ROOT, src)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+
+
+def test_readme_results_table_is_the_study_results_file():
+    """The README's results table is the one the curvature-pairs study writes, row for row
+    (``final_loss.md``), so its numbers cannot drift from the results file."""
+    text = README.read_text(encoding="utf-8")
+    results = (ROOT / "examples/benchmarks/research/final_loss/final_loss.md").read_text(
+        encoding="utf-8")
+    start = text.index("| task | SGD + momentum |")
+    table = text[start:text.index("\n\n", start)].splitlines()
+    assert len(table) >= 4
+    assert "\n".join(table) in results

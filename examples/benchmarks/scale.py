@@ -9,7 +9,8 @@ mL-BFGS, the authors' recipe and normalized SGD+momentum as its control):
    The best is the one with the best held-out metric at the end; where it is at an edge
    of the grid, the grid is extended by half a decade on that side (at most twice).
 2. Full budget: the best learning rate, 3 seeds, warm-up (5% of the steps) + cosine
-   decay to 0; held-out metric every ``eval_every`` steps.
+   decay to 0; held-out metric every ``eval_every`` steps. The final training loss is
+   the mean mini-batch loss over the last ``eval_every`` steps (median over the seeds).
 3. ``mlbfgs_default`` again at its best lr with ``history_dtype=jnp.bfloat16``.
 
 Seconds count training only (``eval_every`` calls of one training step compiled
@@ -234,11 +235,15 @@ def bench_task(task, optimizers: Sequence[str], grid_steps: int, quick: bool,
 
 def _summary(task, runs, tr: ScaleTrainer, best: str, grid: list) -> dict:
     finals = [r["final_metric"] for r in runs]
+    # Training loss at the end of the schedule: the mean mini-batch loss of the last
+    # evaluation period (a diverged run counts as +inf).
+    train = [r["train_loss"][-1] if not r["diverged"] else math.inf for r in runs]
     edge = best in (grid[0], grid[-1])
     return {
         "lr": float(best), "lr_at_grid_edge": edge, "seeds": len(runs),
         "final_median": float(np.median(finals)), "final_min": float(np.min(finals)),
         "final_max": float(np.max(finals)),
+        "final_train_loss_median": float(np.median(train)),
         "diverged": sum(r["diverged"] for r in runs),
         "step_ms": 1e3 * float(np.median([r["step_seconds"] for r in runs])),
         "compile_s": tr.compile_seconds,
@@ -300,9 +305,10 @@ def markdown(result: dict) -> str:
         lines += [f"## {t['name']}", "", f"{t['description']}; {t['num_params']} parameters; "
                   f"{t['steps']} steps, evaluated every {t['eval_every']}. Target: {unit} "
                   f"{cmp} {t['target']:.4f} ({_RULES[t['target_rule']]}).", "",
-                  f"| optimizer | lr | final {unit} median [min, max] | steps to target | "
-                  "s to target | step ms | step time / SGD | state B/param | peak step MiB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"| optimizer | lr | final {unit} median [min, max] | final training loss "
+                  "| steps to target | s to target | step ms | step time / SGD | state B/param "
+                  "| peak step MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for opt, s in t["summary"].items():
             lr = f"{s['lr']:g}" + (" (grid edge)" if s["lr_at_grid_edge"] else "")
             reach = (f"{s['steps_to_target']:.0f}" if s["steps_to_target"] is not None
@@ -313,7 +319,8 @@ def markdown(result: dict) -> str:
             peak = s["peak_step_bytes"]
             lines.append(
                 f"| {opt} | {lr} | {s['final_median']:.4f} [{s['final_min']:.4f}, "
-                f"{s['final_max']:.4f}]{div} | {reach} | {sec} | {s['step_ms']:.1f} | "
+                f"{s['final_max']:.4f}]{div} | {_train_loss(s)} | {reach} | {sec} | "
+                f"{s['step_ms']:.1f} | "
                 f"{'–' if ratio is None else f'{ratio:.2f}'} | "
                 f"{s['state_bytes_per_param']:.1f} | "
                 f"{peak / 2**20 if peak else float('nan'):.1f} |")
@@ -322,6 +329,12 @@ def markdown(result: dict) -> str:
             f"{o}: " + ", ".join(f"{lr}→{v[0]:.3f}{'(div)' if v[1] else ''}"
                                  for lr, v in g.items()) for o, g in t["grid"].items()), ""]
     return "\n".join(lines) + "\n"
+
+
+def _train_loss(s: dict) -> str:
+    """The median final training loss, or "–" (results written before it was recorded)."""
+    v = s.get("final_train_loss_median")
+    return "–" if v is None else f"{v:.4f}"
 
 
 def plot(task_result: dict, path: str) -> None:

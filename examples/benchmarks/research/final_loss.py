@@ -17,12 +17,15 @@ Scores, per task and optimizer:
   median final training loss times ``TARGET_SLACK`` (chosen after AdamW's runs, not
   to suit mL-BFGS), median over the seeds (``None``: not reached);
 - **trains at**: the lrs of the grid at which the median final loss is below the loss
-  at initialisation (a run that diverges or ends at the initial loss does not train).
+  at initialisation (a run that diverges or ends at the initial loss does not train);
+- the **paired check** (``--paired``): the chain without pairs and the defaults at the
+  chain's tuned lr with 10 seeds, their final losses compared seed by seed.
 
 Run from the repository root (writes ``final_loss/<task>.json`` and ``final_loss.md``)::
 
     python -m examples.benchmarks.research.final_loss --tasks mnist1d_mlp logreg
     python -m examples.benchmarks.research.final_loss --table   # the table only
+    python -m examples.benchmarks.research.final_loss --paired --tasks digits_mlp
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ def main_example():
 TASK_GRIDS = {"main_cnn": (0.01, 0.0316, 0.1)}
 
 #: tasks whose runs are made one after the other in the program (``lax.map``), not vmapped
-SEQUENTIAL = {"main_cnn": True, "mnist1d_cnn": True}
+SEQUENTIAL = {"main_cnn": True, "mnist1d_cnn": True, "fmnist_cnn": True}
 
 #: task name -> (builder, steps)
 TASKS = {
@@ -181,6 +184,8 @@ TASKS = {
     "mnist1d_cnn": (lambda: tasks_mod.make_task("mnist1d_cnn"), 3000),
     "main_cnn": (main_example, 3000),
     "fmnist_mlp": (lambda: tasks_mod.make_task("fmnist_mlp"), 1000),
+    "fmnist_cnn": (lambda: tasks_mod.make_task("fmnist_cnn"), 1000),
+    "fmnist_deep_mlp": (lambda: _holdout("fmnist_deep_mlp"), 1000),
     "digits_mlp": (lambda: _holdout("digits_mlp"), 1000),
     "wine_raw_mlp": (lambda: _holdout("wine_raw_mlp"), 1000),
     "teacher_mlp": (teacher_student, 2000),
@@ -384,6 +389,57 @@ def table(names=None, out_dir: str = ROOT) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: seeds of the paired check (the study's three and seven more)
+PAIRED_SEEDS = tuple(range(10))
+
+
+def paired(task_name: str, names=("no_pairs", "lib_defaults"), seeds=PAIRED_SEEDS,
+           out_dir: str = ROOT) -> dict:
+    """Two optimizers at the first one's tuned lr, ``seeds`` each: final losses per seed.
+
+    One seed gives both the same initialisation and mini-batches, so the ratio of their
+    final losses seed by seed separates the optimizers' difference from the seeds'.
+    Stored under ``"paired"`` in the task's results file.
+    """
+    build, steps = TASKS[task_name]
+    task = build()
+    path = os.path.join(out_dir, f"{task_name}.json")
+    with open(path) as f:
+        res = json.load(f)
+    lr = summarise(res)[names[0]]["lr"]
+    finals = {}
+    for name in names:
+        _, final, _, secs = run_task(task, OPTIMIZERS[name][1], steps, grid=(lr,), seeds=seeds,
+                                     eval_every=max(steps // 50, 1),
+                                     proto=PROTOTYPES.get(name))
+        finals[name] = _clean(final[0])
+        print(f"{task_name:14s} paired {name:16s} {secs:6.1f}s", flush=True)
+    res["paired"] = {"lr": lr, "seeds": list(seeds), "names": list(names), "final": finals}
+    with open(path, "w") as f:
+        json.dump(res, f)
+    return res
+
+
+def paired_table(out_dir: str = ROOT) -> str:
+    """The paired check of every task that has one, as markdown."""
+    lines = ["Final training loss of the second optimizer over the first's, seed by seed, "
+             "both at the first one's tuned lr (the same seed: the same initialisation and "
+             "mini-batches).", "",
+             "| task | optimizers | lr | seeds | median ratio | ratio min–max | seeds lower |",
+             "|---|---|---|---|---|---|---|"]
+    for t, r in _load_all(out_dir).items():
+        pr = r.get("paired")
+        if not pr:
+            continue
+        a, b = (np.array([np.inf if v is None else v for v in pr["final"][n]])
+                for n in pr["names"])
+        ratio = b / a
+        lines.append(f"| {t} | {pr['names'][1]} / {pr['names'][0]} | {pr['lr']:g} | "
+                     f"{len(ratio)} | {np.median(ratio):.2f} | {ratio.min():.2f}–"
+                     f"{ratio.max():.2f} | {int(np.sum(b < a))} of {len(ratio)} |")
+    return "\n".join(lines) + "\n"
+
+
 #: the columns of the headline table and plot: (name, heading)
 HEADLINE = (("sgd", "SGD + momentum"), ("adamw", "AdamW"), ("no_pairs", "chain, no pairs"),
             ("lib_defaults", "**mL-BFGS defaults**"),
@@ -465,7 +521,18 @@ def main(argv=None):
     p.add_argument("--opts", nargs="*", default=list(OPTIMIZERS))
     p.add_argument("--out", default=ROOT)
     p.add_argument("--table", action="store_true", help="only write the table")
+    p.add_argument("--paired", action="store_true",
+                   help="the paired check of the chain and the defaults on --tasks, "
+                        f"{len(PAIRED_SEEDS)} seeds (writes paired.md)")
     args = p.parse_args(argv)
+    if args.paired:
+        for t in args.tasks:
+            paired(t, out_dir=args.out)
+        text = paired_table(args.out)
+        with open(os.path.join(args.out, "paired.md"), "w") as f:
+            f.write(text)
+        print(text)
+        return
     if not args.table:
         for t in args.tasks:
             study(t, args.opts, args.out)
