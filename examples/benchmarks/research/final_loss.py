@@ -281,6 +281,13 @@ def _clean(v):
     return [None if not np.isfinite(a) else float(a) for a in np.ravel(v)]
 
 
+def _restore(values) -> np.ndarray:
+    """Values of a results file as an array, a non-finite one (None there, see
+    :func:`_clean`) as +inf."""
+    a = np.array(values, dtype=float)  # None -> nan
+    return np.where(np.isnan(a), np.inf, a)
+
+
 def study(task_name: str, names, out_dir: str = ROOT) -> dict:
     """Runs ``names`` on one task, adding to (or creating) its results file."""
     build, steps = TASKS[task_name]
@@ -314,8 +321,7 @@ def study(task_name: str, names, out_dir: str = ROOT) -> dict:
 
 
 def _median_final(run) -> np.ndarray:
-    f = np.array([[np.inf if v is None else v for v in r] for r in run["final"]])
-    return np.median(f, axis=1)
+    return np.median(_restore(run["final"]), axis=1)
 
 
 def summarise(res: dict) -> dict:
@@ -329,14 +335,13 @@ def summarise(res: dict) -> dict:
     for name, run in runs.items():
         med = _median_final(run)
         i = int(np.argmin(med))
-        curves = np.array([[[np.inf if v is None else v for v in c] for c in r]
-                           for r in run["curve"]])[i]  # (seed, evals)
+        curves = _restore(run["curve"])[i]  # (seed, evals)
         hits = []
         for c in curves:
             w = np.nonzero(c <= target)[0]
             hits.append((w[0] + 1) * res["eval_every"] if len(w) else math.inf)
         stt = float(np.median(hits))
-        finals = np.array([np.inf if v is None else v for v in run["final"][i]])
+        finals = _restore(run["final"][i])
         grid = run.get("grid", res["grid"])
         out[name] = {"lr": grid[i], "final": float(med[i]),
                      "final_min": float(np.min(finals)), "final_max": float(np.max(finals)),
@@ -410,7 +415,6 @@ def paired(task_name: str, names=("no_pairs", "lib_defaults"), seeds=PAIRED_SEED
     finals = {}
     for name in names:
         _, final, _, secs = run_task(task, OPTIMIZERS[name][1], steps, grid=(lr,), seeds=seeds,
-                                     eval_every=max(steps // 50, 1),
                                      proto=PROTOTYPES.get(name))
         finals[name] = _clean(final[0])
         print(f"{task_name:14s} paired {name:16s} {secs:6.1f}s", flush=True)
@@ -431,8 +435,7 @@ def paired_table(out_dir: str = ROOT) -> str:
         pr = r.get("paired")
         if not pr:
             continue
-        a, b = (np.array([np.inf if v is None else v for v in pr["final"][n]])
-                for n in pr["names"])
+        a, b = (_restore(pr["final"][n]) for n in pr["names"])
         ratio = b / a
         lines.append(f"| {t} | {pr['names'][1]} / {pr['names'][0]} | {pr['lr']:g} | "
                      f"{len(ratio)} | {np.median(ratio):.2f} | {ratio.min():.2f}–"
