@@ -412,7 +412,7 @@ def test_scale_summary_reports_the_final_training_loss():
     from examples.benchmarks import scale
 
     class Task:
-        metric = "acc"
+        metric, num_params = "acc", 1
 
     class Trainer:
         compile_seconds, state_bytes, peak_bytes = 1.0, 8.0, None
@@ -421,7 +421,6 @@ def test_scale_summary_reports_the_final_training_loss():
         return {"final_metric": 0.9, "train_loss": [float("nan"), 1.0, train],
                 "diverged": diverged, "step_seconds": 0.01}
 
-    Task.num_params = 1
     runs = [run(0.3), run(0.1), run(0.2, diverged=True)]
     s = scale._summary(Task(), runs, Trainer(), "0.01", ["0.001", "0.01", "0.1"])
     assert s["final_train_loss_median"] == 0.3
